@@ -1,0 +1,130 @@
+"""From an image and a question to model inputs: LLaVA's image preprocessing, the
+vicuna_v1 prompt, and a `tokenizers` tokenizer read from tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
+IGNORE_INDEX = -100  # label of a token that carries no loss
+
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def expand2square(img: Image.Image, colour=PAD_COLOUR) -> Image.Image:
+    """Pad the short side equally on both sides (LLaVA `image_aspect_ratio=pad`)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), colour)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess_image(img: Image.Image, image_size: int, pad: bool = True) -> torch.Tensor:
+    """PIL image -> normalised (3, image_size, image_size) float32, as CLIPImageProcessor
+    does it: bicubic resize of the short side, centre crop, rescale, normalise."""
+    img = img.convert("RGB")
+    if pad:
+        img = expand2square(img)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(image_size * long / short)
+    size = (image_size, new_long) if w <= h else (new_long, image_size)
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    top, left = int((img.height - image_size) / 2), int((img.width - image_size) / 2)
+    img = img.crop((left, top, left + image_size, top + image_size))
+    x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)  # (S, S, 3)
+    x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, S, S)
+
+
+def load_image(path, image_size: int, pad: bool = True) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            return preprocess_image(img, image_size, pad)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- text
+
+
+class TextTokenizer:
+    """A tokenizer.json read with `tokenizers`; BOS/EOS are added by us, never by its template,
+    so prompts are built the same way whatever the file's post-processor says."""
+
+    def __init__(self, path):
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file}")
+        self.tok = Tokenizer.from_file(str(file))
+        special = {}
+        cfg = file.parent / "tokenizer_config.json"
+        if cfg.is_file():
+            special = json.loads(cfg.read_text())
+        self.bos_id = self._special(special.get("bos_token"), "<s>", file)
+        self.eos_id = self._special(special.get("eos_token"), "</s>", file)
+        pad = self._special(special.get("pad_token"), "<pad>", file, required=False)
+        self.pad_id = self.eos_id if pad is None else pad
+
+    def _special(self, token, default: str, file, required=True):
+        if isinstance(token, dict):  # old tokenizer_config.json spell AddedToken as a dict
+            token = token.get("content")
+        token = token or default
+        idx = self.tok.token_to_id(token)
+        if idx is None and required:
+            raise ValueError(f"{file}: special token {token!r} is not in the vocabulary")
+        return idx
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def build_prompt(question: str, answer: str | None = None) -> str:
+    """The vicuna_v1 conversation with one image. Without an answer it ends at
+    'ASSISTANT:', the point where generation starts."""
+    prompt = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}</s>"
+
+
+def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num_image_tokens: int,
+                   image_token_index: int):
+    """Token ids and labels of one example. `<image>` becomes num_image_tokens copies of
+    image_token_index; only the answer and its closing eos carry loss (labels elsewhere
+    IGNORE_INDEX). The text on each side of the image is tokenised on its own, as LLaVA's
+    tokenizer_image_token does, so -200 never passes through the tokenizer."""
+    head, tail = build_prompt(question).split("<image>")  # tail = "\n{question} ASSISTANT:"
+    tail_ids = tok.encode(tail)
+    ids = [tok.bos_id] + tok.encode(head) + [image_token_index] * num_image_tokens + tail_ids
+    labels = [IGNORE_INDEX] * len(ids)
+    if answer is not None:
+        # Tokenise the answer after its prompt and keep the suffix, so its first token is the
+        # one the tokenizer gives it after "ASSISTANT:" (leading space included).
+        full = tok.encode(f"{tail} {answer}")
+        if full[:len(tail_ids)] != tail_ids:
+            raise ValueError(f"the tokenizer merges answer {answer!r} into its prompt; cannot place labels")
+        answer_ids = full[len(tail_ids):] + [tok.eos_id]
+        ids += answer_ids
+        labels += answer_ids
+    return ids, labels
