@@ -150,3 +150,31 @@ def test_save_then_load_round_trip(tmp_path):
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids, pixel_values=px).logits, ref(input_ids=ids, pixel_values=px).logits)
+
+
+def test_loss_equals_transformers_loss(tmp_path):
+    """Summed answer-token cross-entropy / count equals transformers' mean loss with the same labels."""
+    ref = hf_llava("gqa")
+    ours, _ = load("v5", ref, tmp_path)
+    ids, px = sample_inputs(ref)
+    labels = ids.clone()
+    labels[:, :-4] = -100  # only the last four tokens are "answer"
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=px, labels=labels).loss
+        total, n = ours.loss(ids, px, labels=labels)
+    assert n == 2 * 4  # each labelled token is predicted from the position before it
+    torch.testing.assert_close(total / n, want)
+
+
+def test_loaded_weights_are_writable_and_leave_the_file_alone(tmp_path):
+    """fp32 weights may be zero-copy views of the safetensors file; an optimiser step on them
+    must change the parameter, never the checkpoint on disk."""
+    from safetensors.torch import load_file
+
+    folder = write_hf(hf_llava("mha"), tmp_path / "ckpt")
+    before = load_file(folder / "model.safetensors")["language_model.model.norm.weight"].clone()
+    ours = Llava.from_pretrained(folder)
+    with torch.no_grad():
+        ours.language_model.norm.weight.add_(1.0)
+    assert torch.equal(ours.language_model.norm.weight, before + 1.0)
+    assert torch.equal(load_file(folder / "model.safetensors")["language_model.model.norm.weight"], before)
