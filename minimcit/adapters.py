@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .selector import TaskSelector, sample_embeddings
+from .selector import TaskSelector, mean_patch_feature, sample_embeddings
 
 # Placement by full module name, scoped to the language model and the projector.
 TARGETS = {
@@ -147,7 +147,7 @@ class BranchLoRALinear(AdapterLinear):
         # Gate mass per branch over the current task's training tokens (the freezing rule).
         self.register_buffer("gate_mass", torch.zeros(num_branches, device=self.weight.device))
         self.register_buffer("gate_tokens", torch.zeros((), device=self.weight.device))
-        self._sequence_gates = None
+        self._sequence_gates = None  # route="sequence": the prompt's decision, kept while generating
 
     def add_task(self) -> None:
         for router in self.routers:
@@ -156,31 +156,40 @@ class BranchLoRALinear(AdapterLinear):
         self.gate_mass.zero_()
         self.gate_tokens.zero_()
 
-    def gates(self, x):  # (B, T, in) -> (B, T, N), k non-zero per token
-        mask = self.ctx.mask if self.ctx.mask is not None and self.ctx.mask.shape == x.shape[:2] else None
+    def route(self, x):  # (B, T, in) -> top-k gates and branch indices, each (B, T or 1, k)
         if self.ctx.route == "sequence":
             # One routing decision per sequence, from the mean x of its real tokens. A one-token
             # call after a longer one is a generation step: it keeps the prompt's decision.
-            if x.shape[1] == 1 and self._sequence_gates is not None and len(self._sequence_gates) == len(x):
+            if x.shape[1] == 1 and self._sequence_gates is not None and len(self._sequence_gates[0]) == len(x):
                 return self._sequence_gates
+            mask = self.real_tokens(x)
             w = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
             x = ((x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1))[:, None]  # (B, 1, in)
-        logits = F.linear(x, self.routers[self.task])  # (..., N)
-        top, idx = logits.topk(self.top_k, dim=-1)
-        g = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))  # softmax over the top-k only
+        top, idx = F.linear(x, self.routers[self.task]).topk(self.top_k, dim=-1)  # R_t x, keep the k largest
+        routed = top.softmax(-1), idx  # softmax over the top-k only; the other N - k gates are 0
         if self.ctx.route == "sequence":
-            self._sequence_gates = g
-        return g
+            self._sequence_gates = routed
+        return routed
+
+    def gates(self, x):  # (B, T, in) -> dense (B, T or 1, N), k non-zero per token
+        g, idx = self.route(x)
+        return torch.zeros(*g.shape[:-1], self.num_branches, device=g.device).scatter(-1, idx, g)
+
+    def real_tokens(self, x):
+        mask = self.ctx.mask
+        return mask if mask is not None and mask.shape == x.shape[:2] else None
 
     def delta(self, x):
         a = F.linear(x, self.lora_A)  # (B, T, r_b): A x, computed once for every branch
-        g = self.gates(x).expand(*x.shape[:-1], -1)  # (B, T, N)
+        g = self.gates(x).expand(*x.shape[:-1], -1)  # (B, T, N), k non-zero per token
         if self.ctx.collect and self.training:
-            w = g.detach() if self.ctx.mask is None or self.ctx.mask.shape != g.shape[:2] \
-                else g.detach() * self.ctx.mask[..., None]
-            self.gate_mass += w.reshape(-1, self.num_branches).sum(0)
-            self.gate_tokens += w.reshape(-1, self.num_branches).sum()  # = real tokens (gates sum to 1)
-        # sum_{n in topk} g_n B_n (A x) == [B_1 .. B_N] (g_1 A x; ...; g_N A x); zero gates drop out
+            mask = self.real_tokens(x)
+            w = g.detach() if mask is None else g.detach() * mask[..., None]
+            self.gate_mass += w.flatten(0, -2).sum(0)
+            self.gate_tokens += w.sum()  # = number of real tokens, since each token's gates sum to 1
+        # sum_{n in topk} g_n B_n (A x) = [B_1 .. B_N] (g_1 A x; ...; g_N A x): the N - k zero gates
+        # drop out. One dense matmul was faster than gathering only the k chosen branches per
+        # token (sort + per-branch matmul + index_add), measured on CPU: benchmarks/README.md.
         h = (g[..., None] * a[..., None, :]).flatten(-2)  # (B, T, N * r_b)
         return self.scaling * F.linear(h, torch.cat(list(self.lora_B), dim=1))  # B_cat (out, N * r_b)
 
@@ -289,12 +298,19 @@ class Method:
         if use_selector:
             self.selector = TaskSelector(model.config.vision.hidden_size, model.config.text.hidden_size,
                                          device=model.lm_head.weight.device)
+            # L_align needs e_img, the mean CLIP patch feature, which the training forward has
+            # just computed: keep it from there instead of running the vision tower twice.
+            model.vision_tower.register_forward_hook(self._keep_e_img)
+        self._e_img = None
         self.align_weight = align_weight
         if verbose:
             print(wrap_summary(type(self).__name__.lower(), self.names))
 
     def make_layer(self, base):
         raise NotImplementedError
+
+    def _keep_e_img(self, module, inputs, output):
+        self._e_img = mean_patch_feature(output)
 
     # -- training
     def start_task(self, t: int) -> None:
@@ -312,8 +328,11 @@ class Method:
         """Method losses added to L_task, already weighted (None when there are none)."""
         if self.selector is None:
             return None
+        # Called right after the forward on the same batch: take the e_img it left, once.
+        e_img = self._e_img if self._e_img is not None and len(self._e_img) == len(batch["input_ids"]) else None
+        self._e_img = None
         e_img, e_txt = sample_embeddings(self.model, batch["input_ids"], batch["pixel_values"],
-                                         batch.get("attention_mask"), batch.get("labels"))
+                                         batch.get("attention_mask"), batch.get("labels"), e_img=e_img)
         return self.align_weight * self.selector.align_loss(e_img, e_txt, task)  # lambda * L_align
 
     @contextmanager

@@ -443,3 +443,20 @@ def test_parameter_counts_equal_closed_form():
     shared = sum(r * (i + o) for i, o in all_lin)
     task = sum(o * rt + rt * r + 1 for i, o in all_lin)
     assert (rep["trainable"], rep["total_added"], rep["per_task"]) == (shared + task, shared + 3 * task, task)
+
+
+def test_l_align_reuses_the_forward_clip_features_and_equals_a_fresh_computation():
+    from minimcit.selector import sample_embeddings
+
+    model = tiny_llava()
+    m = make_method("branchlora", model, r=8, lora_alpha=16, num_branches=4, verbose=False)
+    m.start_task(0)
+    b = batch()
+    model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+    assert m._e_img is not None
+    reused = m.extra_loss(b, 0)
+    assert m._e_img is None  # consumed
+    fresh = m.extra_loss(b, 0)  # no forward before it: computes e_img itself
+    torch.testing.assert_close(reused, fresh)
+    e_img, e_txt = sample_embeddings(model, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+    torch.testing.assert_close(fresh, m.selector.align_loss(e_img, e_txt, 0))
