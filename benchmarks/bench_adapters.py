@@ -63,7 +63,7 @@ def main():
           f"{ids.shape[1]} tokens, r=128, N=8, k=2, {device}")
 
     def trainer(method, task):
-        model = copy.deepcopy(base) if not args.big else base
+        model = copy.deepcopy(base)  # each method wraps its own copy (7B bf16: 2 x 14 GB on the GPU)
         m = make_method(method, model, verbose=False)
         for t in range(task + 1):
             m.start_task(t)
