@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from .processing import TextTokenizer, encode_example, load_image, preprocess_image
+from .processing import TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
 
 
 @dataclass
@@ -70,6 +70,12 @@ TITLES = ["river", "storm", "garden", "winter", "echo", "harbor", "lantern", "ma
           "velvet", "meadow"]
 AUTHORS = ["smith", "garcia", "chen", "novak", "okafor", "silva", "tanaka", "dubois", "kumar", "larsen",
            "moreau", "petrov"]
+
+
+def _a(word: str, capital: bool = True) -> str:
+    """"A red" / "An orange"."""
+    art = "an" if word[0] in "aeiou" else "a"
+    return f"{art.capitalize() if capital else art} {word}"
 
 
 def _font(px: int):
@@ -148,7 +154,7 @@ def gen_sciqa(rng, size):
     letters = "ABCD"
     q = "Which shape is shown in the image?" if ask_shape else "What colour is the shape in the image?"
     q += "".join(f"\n{letters[i]}. {o}" for i, o in enumerate(options)) + "\n" + LETTER
-    return canvas.img, q, letters[options.index(truth)], None
+    return canvas.img, q, letters[options.index(truth)], None, f"{_a(colour)} {shape}."
 
 
 def gen_textvqa(rng, size):
@@ -160,7 +166,7 @@ def gen_textvqa(rng, size):
     canvas.draw.rectangle((x - 2, y, x + w + 2, y + px * 1.3), fill=COLOURS[_pick(rng, ["yellow", "orange", "green"])])
     canvas.text((x, y), word, px)
     q = _pick(rng, ["What word is written on the sign?", "What does the sign say?"]) + "\n" + SHORT
-    return canvas.img, q, word, [word] * 10  # ten annotators, as in TextVQA
+    return canvas.img, q, word, [word] * 10, f"A sign that reads {word}."  # ten annotators, as in TextVQA
 
 
 def gen_imagenet(rng, size):
@@ -168,8 +174,9 @@ def gen_imagenet(rng, size):
     shape = _pick(rng, SHAPES)
     side = rng.uniform(0.45, 0.75) * size
     x, y = rng.uniform(0, size - side, 2)
-    canvas.shape(shape, _pick(rng, list(COLOURS)), (x, y, x + side, y + side))
-    return canvas.img, "What is the object in the image?\n" + SHORT, shape, None
+    colour = _pick(rng, list(COLOURS))
+    canvas.shape(shape, colour, (x, y, x + side, y + side))
+    return canvas.img, "What is the object in the image?\n" + SHORT, shape, None, f"A big {colour} {shape}."
 
 
 def _two_apart(rng, size):
@@ -193,7 +200,8 @@ def gen_gqa(rng, size):
         q, a = f"Is the {c} {s} to the left or to the right of the {c_other} {s_other}?", ["left", "right"][i]
     else:  # the colour of the object on one side of a named one
         q, a = f"What color is the shape to the {['right', 'left'][i]} of the {s}?", c_other
-    return canvas.img, q + "\n" + SHORT, a, None
+    (s0, c0), (s1, c1) = objs
+    return canvas.img, q + "\n" + SHORT, a, None, f"{_a(c0)} {s0} on the left and {_a(c1, False)} {s1} on the right."
 
 
 def gen_vizwiz(rng, size):
@@ -203,16 +211,17 @@ def gen_vizwiz(rng, size):
     if rng.random() < 0.25:  # a photo too blurred or dark to answer from
         img = canvas.img.filter(ImageFilter.GaussianBlur(size / 3))
         img = Image.eval(img, lambda v: v // 4)
-        return img, q, "unanswerable", None
-    return canvas.img, q, shape if ask_shape else colour, None
+        return img, q, "unanswerable", None, "A dark and blurry photo."
+    return canvas.img, q, shape if ask_shape else colour, None, f"{_a(colour)} {shape}."
 
 
 def gen_grounding(rng, size):
     n = int(rng.integers(2, 4))
     canvas, objs, boxes = _scene(rng, size, n)
     i = int(rng.integers(n))
-    box = "[" + ", ".join(f"{v / size:.2f}" for v in boxes[i]) + "]"
-    return canvas.img, f"{GROUNDING}the {objs[i][1]} {objs[i][0]}.", box, None
+    box = lambda b: "[" + ", ".join(f"{v / size:.2f}" for v in b) + "]"  # noqa: E731
+    desc = " ".join(f"{_a(c)} {s} at {box(b)}." for (s, c), b in zip(objs, boxes))
+    return canvas.img, f"{GROUNDING}the {objs[i][1]} {objs[i][0]}.", box(boxes[i]), None, desc
 
 
 def gen_vqav2(rng, size):
@@ -224,6 +233,7 @@ def gen_vqav2(rng, size):
         for b in _boxes(rng, size, n, 0.16, 0.24):
             canvas.shape(shape, colour, b)
         q, a = f"How many {shape}s are there?", str(n)
+        desc = f"{['One', 'Two', 'Three', 'Four'][n - 1]} {colour} {shape}{'s' if n > 1 else ''}."
     elif kind == 1:  # yes / no
         canvas, objs, _ = _scene(rng, size, 2)
         if rng.random() < 0.5:
@@ -231,23 +241,27 @@ def gen_vqav2(rng, size):
         else:
             (s, c), a = _pick(rng, [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in objs]), "no"
         q = f"Is there a {c} {s}?"
+        desc = " ".join(f"{_a(c_)} {s_}." for s_, c_ in objs)
     else:  # colour of a named shape
         canvas, objs = _two_apart(rng, size)
         s, c = objs[int(rng.integers(2))]
         q, a = f"What color is the {s}?", c
-    return canvas.img, q + "\n" + SHORT, a, None
+        desc = f"{_a(objs[0][1])} {objs[0][0]} on the left and {_a(objs[1][1], False)} {objs[1][0]} on the right."
+    return canvas.img, q + "\n" + SHORT, a, None, desc
 
 
 def gen_ocrvqa(rng, size):
     canvas = Canvas(rng, size)
     title, author = _pick(rng, TITLES), _pick(rng, AUTHORS)
     m = size * 0.08
-    canvas.draw.rectangle((m, m, size - m, size - m), fill=COLOURS[_pick(rng, list(COLOURS))])
+    colour = _pick(rng, list(COLOURS))
+    canvas.draw.rectangle((m, m, size - m, size - m), fill=COLOURS[colour])
     canvas.text((m * 1.6, size * 0.22), title, int(size * 0.17), fill=(255, 255, 255))
     canvas.text((m * 1.6, size * 0.62), author, int(size * 0.14), fill=(20, 20, 20))
+    desc = f"{_a(colour)} book cover: {title} by {author}."
     if rng.random() < 0.5:
-        return canvas.img, "Who wrote this book?\n" + SHORT, author, None
-    return canvas.img, "What is the title of this book?\n" + SHORT, title, None
+        return canvas.img, "Who wrote this book?\n" + SHORT, author, None, desc
+    return canvas.img, "What is the title of this book?\n" + SHORT, title, None, desc
 
 
 def describe(objs) -> list[str]:
@@ -256,8 +270,7 @@ def describe(objs) -> list[str]:
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     n = len(objs)
     count = {1: "one shape", 2: "two shapes", 3: "three shapes"}[n]
-    article = lambda w: ("an " if w[0] in "aeiou" else "a ") + w  # noqa: E731
-    a_listed = " and ".join(article(x) for x in names)
+    a_listed = " and ".join(_a(x, False) for x in names)
     return [f"{a_listed[0].upper()}{a_listed[1:]} on a grey background.",
             f"A picture of {a_listed}.",
             f"There is {a_listed} in the image.",
@@ -268,7 +281,7 @@ def describe(objs) -> list[str]:
 def gen_caption(rng, size):
     canvas, objs, _ = _scene(rng, size, int(rng.integers(1, 4)))
     refs = describe(objs)
-    return canvas.img, CAPTION, refs[0], refs
+    return canvas.img, CAPTION, refs[0], refs, refs[0]
 
 
 GENERATORS = {"sciqa": gen_sciqa, "textvqa": gen_textvqa, "imagenet": gen_imagenet, "gqa": gen_gqa,
@@ -287,7 +300,7 @@ def generate(name: str, n_train: int, n_test: int, image_size: int, seed: int) -
     seen, splits = set(), ([], [])
     for split, n in ((0, n_train), (1, n_test)):
         while len(splits[split]) < n:
-            img, q, a, answers = GENERATORS[name](rng, image_size)
+            img, q, a, answers, _ = GENERATORS[name](rng, image_size)
             key = _key(img, q)
             if key in seen:
                 continue
@@ -310,14 +323,23 @@ def minicoin(order: str = "minicoin", preset: str = "default", seed: int = 0, **
     return out
 
 
+DESCRIBE = ["Describe the image briefly.", "What is in this picture?", "Give a short description of the image.",
+            "Summarize what you see."]
+
+
 def caption_corpus(n: int, image_size: int, seed: int) -> list[Sample]:
-    """Stage-1 pre-training data: captioned scenes of the same world (a separate stream from
-    the caption task's, so no evaluation image is seen in pre-training)."""
+    """Stage-1 pre-training data, like LLaVA's caption pairs: images from every MiniCoIN
+    generator (a separate random stream from the tasks') with a plain description of the scene:
+    shapes, colours, counts, sides, boxes, the words on signs and covers. It teaches the base
+    what is in the world, not the tasks' question formats."""
     rng = np.random.default_rng([seed, 1000])
+    # Scenes of one object make up half the corpus: a vision tower trained from scratch learns
+    # shapes from them first (measured: benchmarks/README.md), then binds them in busier scenes.
+    names = ["sciqa", "imagenet", "vizwiz"] * 2 + ["textvqa", "gqa", "grounding", "vqav2", "ocrvqa", "caption"]
     out = []
     for i in range(n):
-        img, q, a, refs = gen_caption(rng, image_size)
-        out.append(Sample("pretrain", q, refs[int(rng.integers(len(refs)))], refs, img, id=f"pretrain-{i}"))
+        img, _, _, _, desc = GENERATORS[names[i % len(names)]](rng, image_size)
+        out.append(Sample("pretrain", _pick(rng, DESCRIBE), desc, None, img, id=f"pretrain-{i}"))
     return out
 
 
@@ -403,10 +425,13 @@ def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = 
 
 class Collator:
     """Samples -> a batch dict: input_ids, attention_mask, labels (answer and eos only) and
-    pixel_values. Right padding for training; left padding, no answer, for generation."""
+    pixel_values. Right padding for training; left padding, no answer, for generation.
+    `plain=True` uses the stage-1 template (image, then caption) instead of the conversation."""
 
-    def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, image_token_index: int, image_size: int):
+    def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, image_token_index: int, image_size: int,
+                 plain: bool = False):
         self.tok, self.n_img, self.img_id, self.image_size = tokenizer, num_image_tokens, image_token_index, image_size
+        self.plain = plain
 
     def pixels(self, s: Sample) -> torch.Tensor:
         if isinstance(s.image, Image.Image):
@@ -416,8 +441,14 @@ class Collator:
     def __call__(self, samples: list[Sample], generate: bool = False) -> dict:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        rows = [encode_example(self.tok, s.question, None if generate else s.answer,
-                               num_image_tokens=self.n_img, image_token_index=self.img_id) for s in samples]
+        if self.plain:
+            rows = [encode_plain(self.tok, "" if generate else s.answer, num_image_tokens=self.n_img,
+                                 image_token_index=self.img_id) for s in samples]
+            if generate:  # the prompt is the image alone: drop the empty caption's eos
+                rows = [(ids[:-1], labels[:-1]) for ids, labels in rows]
+        else:
+            rows = [encode_example(self.tok, s.question, None if generate else s.answer,
+                                   num_image_tokens=self.n_img, image_token_index=self.img_id) for s in samples]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)

@@ -128,3 +128,11 @@ def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num
         ids += answer_ids
         labels += answer_ids
     return ids, labels
+
+
+def encode_plain(tok: TextTokenizer, caption: str, *, num_image_tokens: int, image_token_index: int):
+    """LLaVA's stage-1 "plain" template: the image tokens, then the caption and eos, which alone
+    carry loss. No system prompt and no question: pre-training only aligns image and text."""
+    prefix = [tok.bos_id] + [image_token_index] * num_image_tokens
+    target = tok.encode(caption) + [tok.eos_id]
+    return prefix + target, [IGNORE_INDEX] * len(prefix) + target

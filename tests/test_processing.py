@@ -95,3 +95,12 @@ def test_tokenizer_special_tokens_and_errors(word_tokenizer, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
     with pytest.raises(ValueError, match=r"<\|end\|>"):
         TextTokenizer(tmp_path)
+
+
+def test_plain_stage1_template_is_image_then_caption(word_tokenizer):
+    from minimcit.processing import encode_plain
+
+    tok, vocab = word_tokenizer
+    ids, labels = encode_plain(tok, "light red", num_image_tokens=3, image_token_index=-200)
+    assert ids == [vocab["<s>"], -200, -200, -200, vocab["light"], vocab["red"], vocab["</s>"]]
+    assert labels == [IGNORE_INDEX] * 4 + [vocab["light"], vocab["red"], vocab["</s>"]]

@@ -1,0 +1,85 @@
+"""Results a person can read: the accuracy matrix as a text table, and two PNGs drawn with
+pillow: the matrix as a heatmap, and each task's score across the stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoint import atomic_write
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34)]
+
+
+def text_table(results: dict) -> str:
+    tasks = results["tasks"]
+    width = max(9, *(len(t) for t in tasks)) + 1
+    lines = [f"{results['method']} — score (%) on each task (columns) after each stage (rows)",
+             "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
+    for k, row in enumerate(results["acc_matrix"]):
+        label = "base" if k == 0 else f"{k} {tasks[k - 1]}" if results["method"] != "joint" else f"{k} joint"
+        lines.append(label[:11].ljust(12) + "".join(f"{v:{width}.1f}" for v in row))
+    s = results.get("summary")
+    if s:
+        keys = [k for k in ("AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF") if k in s]
+        lines.append("  ".join(f"{k} {s[k]:.2f}" for k in keys))
+    if results.get("selector_accuracy") is not None:
+        lines.append(f"selector accuracy {results['selector_accuracy']:.1f}%")
+    return "\n".join(lines)
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def heatmap(results: dict, path: Path) -> None:
+    a, tasks = results["acc_matrix"], results["tasks"]
+    cell, left, top = 56, 110, 60
+    img = Image.new("RGB", (left + cell * len(tasks) + 20, top + cell * len(a) + 20), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), f"{results['method']}: score after each stage", fill="black", font=_font(16))
+    for j, t in enumerate(tasks):
+        d.text((left + j * cell + 4, top - 18), t[:7], fill="black", font=_font(11))
+    for k, row in enumerate(a):
+        d.text((10, top + k * cell + cell // 2 - 7), "base" if k == 0 else f"after {k}", fill="black", font=_font(12))
+        for j, v in enumerate(row):
+            x, y, f = left + j * cell, top + k * cell, max(0.0, min(1.0, v / 100))
+            colour = (int(255 - 200 * f), int(255 - 90 * f), int(255 - 40 * f))  # white -> blue
+            d.rectangle((x, y, x + cell - 2, y + cell - 2), fill=colour)
+            d.text((x + 10, y + cell // 2 - 7), f"{v:.0f}", fill="black" if f < 0.6 else "white", font=_font(13))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def curves(results: dict, path: Path) -> None:
+    a, tasks = results["acc_matrix"], results["tasks"]
+    W, H, L, B, T, R = 720, 420, 60, 50, 40, 150
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((L, 10), f"{results['method']}: each task's score across stages", fill="black", font=_font(16))
+    x = lambda k: L + (W - L - R) * k / max(1, len(a) - 1)  # noqa: E731
+    y = lambda v: H - B - (H - B - T) * v / 100  # noqa: E731
+    for v in range(0, 101, 25):
+        d.line((L, y(v), W - R, y(v)), fill=(225, 225, 225))
+        d.text((L - 30, y(v) - 7), str(v), fill="black", font=_font(11))
+    for k in range(len(a)):
+        d.text((x(k) - 10, H - B + 8), "base" if k == 0 else str(k), fill="black", font=_font(11))
+    for j, t in enumerate(tasks):
+        c = PALETTE[j % len(PALETTE)]
+        pts = [(x(k), y(a[k][j])) for k in range(len(a))]
+        d.line(pts, fill=c, width=2)
+        for px, py in pts:
+            d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=c)
+        d.line((W - R + 15, T + 18 * j + 7, W - R + 35, T + 18 * j + 7), fill=c, width=3)
+        d.text((W - R + 40, T + 18 * j), t, fill="black", font=_font(12))
+    d.text((L + (W - L - R) // 2 - 30, H - 22), "stage (tasks trained)", fill="black", font=_font(12))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def write_report(results: dict, out: Path) -> str:
+    table = text_table(results)
+    atomic_write(out / "results.txt", lambda tmp: Path(tmp).write_text(table + "\n"))
+    heatmap(results, out / "acc_matrix.png")
+    curves(results, out / "task_curves.png")
+    return table

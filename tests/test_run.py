@@ -1,0 +1,159 @@
+"""The continual run end to end: every method on MiniCoIN's smoke preset, kill and resume, CoIN
+on a fixture with a tiny random checkpoint in each layout, and bad input through run.py."""
+
+import json
+
+import pytest
+import torch
+from conftest import hf_llava, write_hf, write_hub, write_original
+from test_data import write_fixture
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import run
+from minimcit import train
+
+SMOKE = ["--tasks", "minicvit", "--preset", "smoke", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def load(out):
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", sorted(run.METHODS))
+def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
+    out = tmp_path / method
+    assert run.main(["--method", method, *SMOKE, "--out", str(out), "--cache", str(cache)]) == 0
+    r = load(out)
+    T = len(r["tasks"])
+    assert r["method"] == method and r["tasks"] == ["sciqa", "textvqa", "caption", "imagenet", "gqa", "vqav2"]
+    assert len(r["acc_matrix"]) == T + 1 and all(len(row) == T for row in r["acc_matrix"])
+    assert len(r["format_matrix"]) == T + 1 and r["complete"]
+    assert set(r["summary"]) >= {"AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF"}
+    assert r["params"]["trainable"] > 0 and r["params"]["total_added"] >= r["params"]["trainable"]
+    assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row)
+    for name in ("results.txt", "acc_matrix.png", "task_curves.png"):
+        assert (out / name).stat().st_size > 0
+    if method == "branchlora":
+        assert r["params"]["total_added"] > r["params"]["trainable"]  # routers of earlier tasks, frozen
+
+
+@pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", [])])
+def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, monkeypatch):
+    args = ["--method", method, *SMOKE, "--cache", str(cache), *extra]
+    assert run.main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    real = train.train_stage
+
+    def dies_in_stage_3(*a, **kw):
+        if kw["stage"] == 3:
+            raise KeyboardInterrupt  # killed while training the third task
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "train_stage", dies_in_stage_3)
+    with pytest.raises(KeyboardInterrupt):
+        run.main([*args, "--out", str(tmp_path / "killed")])
+    assert len(load(tmp_path / "killed")["acc_matrix"]) == 3  # base + two finished tasks
+    monkeypatch.setattr(train, "train_stage", real)
+    assert run.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+
+    whole, resumed = load(tmp_path / "whole"), load(tmp_path / "killed")
+    for r in (whole, resumed):
+        r.pop("stage_seconds")  # wall-clock times, the one thing allowed to differ
+    assert resumed == whole
+    # Scores of a smoke-sized model are coarse; the trained adapters must match bit for bit too.
+    last = f"checkpoints/after_stage_{len(whole['tasks'])}.pt"
+    a, b = (torch.load(tmp_path / d / last, weights_only=True) for d in ("whole", "killed"))
+    assert a["frozen"] == b["frozen"] and a["adapters"].keys() == b["adapters"].keys()
+    assert all(torch.equal(a["adapters"][k], b["adapters"][k]) for k in a["adapters"])
+
+
+# --------------------------------------------------------------------------- CoIN on a fixture
+
+
+def word_tokenizer(folder, vocab_size):
+    words = ["<unk>", "<s>", "</s>", "<pad>", "What", "is", "in", "picture", "?", "thing", "Answer", "the", "question",
+             "using", "a", "single", "word", "or", "phrase", ".", "ASSISTANT", ":", "USER"] + [str(i) for i in range(10)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab_size])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("layout", ["v5", "hub", "original"])
+def test_coin_end_to_end_on_the_fixture(layout, tmp_path):
+    data, images = write_fixture(tmp_path / "coin", n=2)
+    ref = hf_llava("mha")
+    if layout == "original":
+        llm, clip, proj = write_original(ref, tmp_path / "orig", projector="bin")
+        model_args = ["--model", str(llm), "--vision-tower", str(clip), "--projector", str(proj)]
+        word_tokenizer(llm, 120)
+    else:
+        folder = (write_hf if layout == "v5" else write_hub)(ref, tmp_path / "ckpt")
+        model_args = ["--model", str(folder)]
+        word_tokenizer(folder, 120)
+    out = tmp_path / "out"
+    assert run.main(["--method", "lilora", "--tasks", "coin", "--data-root", str(data), "--image-root", str(images),
+                     *model_args, "--out", str(out), "--max-new-tokens", "4", "--r", "8", "--lora-alpha", "16",
+                     "--quiet"]) == 0
+    r = load(out)
+    assert r["tasks"] == ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
+    assert len(r["acc_matrix"]) == 9 and r["complete"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_method_or_task_exits_with_usage(capsys):
+    for argv in (["--method", "ewc", "--tasks", "minicoin"], ["--method", "lilora", "--tasks", "mnist"]):
+        with pytest.raises(SystemExit) as e:
+            run.main(argv)
+        assert e.value.code == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+def test_missing_data_root_and_model(tmp_path, capsys):
+    assert run.main(["--method", "lilora", "--tasks", "coin", "--out", str(tmp_path / "o")]) == 1
+    assert "--tasks coin needs --data-root, --image-root, --model" in capsys.readouterr().err
+    assert run.main(["--method", "lilora", "--tasks", "coin", "--data-root", str(tmp_path / "nowhere"),
+                     "--image-root", str(tmp_path), "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "data root not found" in err and "nowhere" in err
+
+
+def coin_args(tmp_path):
+    data, images = write_fixture(tmp_path / "coin", n=2)
+    folder = write_hf(hf_llava("mha"), tmp_path / "ckpt")
+    word_tokenizer(folder, 120)
+    return data, images, ["--method", "seqlora", "--tasks", "coin", "--data-root", str(data), "--image-root",
+                          str(images), "--model", str(folder), "--r", "4", "--lora-alpha", "8", "--quiet",
+                          "--max-new-tokens", "2"]
+
+
+def test_corrupt_image_and_empty_task_are_named(tmp_path, capsys):
+    data, images, args = coin_args(tmp_path)
+    (images / "TextVQA" / "1.jpg").write_bytes(b"garbage")
+    assert run.main([*args, "--out", str(tmp_path / "o1")]) == 1
+    assert "TextVQA/1.jpg" in capsys.readouterr().err
+    (data / "Instructions_Original" / "GQA" / "train.json").write_text("[]")
+    assert run.main([*args, "--out", str(tmp_path / "o2")]) == 1
+    assert "GQA/train.json: no items" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_earlier_results(tmp_path, capsys):
+    data, images, args = coin_args(tmp_path)
+    out = tmp_path / "out"
+    assert run.main([*args, "--out", str(out), "--lr", "1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan" in err or "loss is inf" in err
+    # Task 1 (two samples, one step) finishes before its huge update shows; task 2's first loss is
+    # not finite. What was written before stays: valid JSON with the base and task-1 rows.
+    r = load(out)
+    assert len(r["acc_matrix"]) == 2 and not r["complete"]
+    assert (out / "checkpoints" / "after_stage_1.pt").is_file()
+    assert run.main([*args, "--out", str(out)]) == 1  # a fresh run refuses to overwrite it
+    assert "pass --resume" in capsys.readouterr().err
+    assert load(out) == r
