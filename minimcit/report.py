@@ -36,12 +36,12 @@ def _font(size: int):
 
 def heatmap(results: dict, path: Path) -> None:
     a, tasks = results["acc_matrix"], results["tasks"]
-    cell, left, top = 56, 110, 60
+    cell, left, top = 70, 110, 60
     img = Image.new("RGB", (left + cell * len(tasks) + 20, top + cell * len(a) + 20), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), f"{results['method']}: score after each stage", fill="black", font=_font(16))
     for j, t in enumerate(tasks):
-        d.text((left + j * cell + 4, top - 18), t[:7], fill="black", font=_font(11))
+        d.text((left + j * cell + 2, top - 18), t[:10], fill="black", font=_font(11))
     for k, row in enumerate(a):
         d.text((10, top + k * cell + cell // 2 - 7), "base" if k == 0 else f"after {k}", fill="black", font=_font(12))
         for j, v in enumerate(row):
