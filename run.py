@@ -82,22 +82,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+METHOD_OPTIONS = {  # flags that belong to one method; giving one to another method is an error
+    "moelora": {"num_experts"},
+    "branchlora": {"num_branches", "top_k", "route", "freeze_trunk_after_first_task"},
+    "lilora": {"r_task", "reg_weight", "freeze_basis_after_first_task", "use_selector"},
+    "dirlora": {"use_selector"},
+}
+
+
 def method_hparams(args) -> dict:
-    names = {"r": "r", "lora_alpha": "lora_alpha", "num_experts": "num_experts", "num_branches": "num_branches",
-             "top_k": "top_k", "route": "route", "r_task": "r_task", "reg_weight": "reg_weight"}
     hp = dict(TINY_ADAPTERS[args.preset]) if args.tasks.startswith("mini") else {}
-    hp.update({k: getattr(args, a) for a, k in names.items() if getattr(args, a) is not None})
-    for flag in ("freeze_trunk_after_first_task", "freeze_basis_after_first_task"):
-        if getattr(args, flag):
-            hp[flag] = True
-    if args.use_selector or (args.task_identity == "selector" and args.method in ("dirlora", "lilora")):
-        hp["use_selector"] = True
-    allowed = {"moelora": {"num_experts"}, "branchlora": {"num_branches", "top_k", "route", "freeze_trunk_after_first_task"},
-               "lilora": {"r_task", "reg_weight", "freeze_basis_after_first_task", "use_selector"},
-               "dirlora": {"use_selector"}}.get(args.method, set())
-    extra = {"num_experts", "num_branches", "top_k", "route", "freeze_trunk_after_first_task", "r_task", "reg_weight",
-             "freeze_basis_after_first_task", "use_selector"} - allowed
-    wrong = sorted(k for k in hp if k in extra)
+    for name in ("r", "lora_alpha", *set().union(*METHOD_OPTIONS.values())):
+        if getattr(args, name) not in (None, False):
+            hp[name] = getattr(args, name)
+    if args.task_identity == "selector" and args.method in ("dirlora", "lilora"):
+        hp["use_selector"] = True  # identity-free inference needs the selector trained
+    wrong = sorted(set(hp) - {"r", "lora_alpha"} - METHOD_OPTIONS.get(args.method, set()))
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
     return hp
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    hp = method_hparams(args)  # refuse bad flags before minutes of loading or pre-training
     torch.manual_seed(args.seed)
     mini = args.tasks.startswith("mini")
     recipe = RECIPES[f"minicoin:{args.preset}" if mini else "paper"]
@@ -142,7 +143,6 @@ def run(args) -> int:
     tok = TextTokenizer(tok_path)
     c = model.config
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
-    hp = method_hparams(args)
     method = make_method(args.method, model, **hp)
     if cfg.train_projector:
         model.multi_modal_projector.requires_grad_(True)

@@ -115,6 +115,13 @@ def test_unknown_method_or_task_exits_with_usage(capsys):
     assert "invalid choice: 'mnist'" in capsys.readouterr().err
 
 
+def test_an_option_of_another_method_is_refused(capsys):
+    assert run.main(["--method", "branchlora", "--tasks", "minicoin", "--num-experts", "4"]) == 1
+    assert "--num-experts does not apply to --method branchlora" in capsys.readouterr().err
+    args = run.parse_args(["--method", "lilora", "--tasks", "minicoin", "--task-identity", "selector", "--r-task", "8"])
+    assert run.method_hparams(args) == {"r": 32, "lora_alpha": 64, "r_task": 8, "use_selector": True}
+
+
 def test_missing_data_root_and_model(tmp_path, capsys):
     assert run.main(["--method", "lilora", "--tasks", "coin", "--out", str(tmp_path / "o")]) == 1
     assert "--tasks coin needs --data-root, --image-root, --model" in capsys.readouterr().err
