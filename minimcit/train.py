@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         loss_value = 0.0
         for b in micro:
-            ctx = method.batch_context(b["attention_mask"], training=True) if method else _null()
+            ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
             with autocast, ctx:
                 loss_sum, _ = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
                 loss = loss_sum / max(1, n_tokens)  # every answer token of the step counts once
@@ -115,14 +116,6 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         progress.update(step + 1, loss_value, (step + 1) * per_step)
     model.eval()
     return loss_value
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -150,7 +143,7 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
             if t is not None:
                 method.use_task(t)
             sub = {k: v[rows] for k, v in batch.items()}
-            ctx = method.batch_context(sub["attention_mask"]) if method else _null()
+            ctx = method.batch_context(sub["attention_mask"]) if method else nullcontext()
             with ctx, torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
                 new = model.generate(sub["input_ids"], sub["pixel_values"], sub["attention_mask"],
                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
