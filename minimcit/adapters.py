@@ -366,23 +366,41 @@ class Method:
     # -- accounting
     def adapter_parameters(self):
         """Every parameter the method added (the wrapped W0 excluded), trainable or not."""
-        seen = {id(layer.weight) for layer in self.layers} | {id(layer.bias) for layer in self.layers}
-        params = [p for layer in self.layers for p in layer.parameters() if id(p) not in seen]
+        base = self._base_ids()
+        params = [p for layer in self.layers for p in layer.parameters() if id(p) not in base]
         if self.selector is not None:
             params += list(self.selector.parameters())
         return params
 
+    def _base_ids(self) -> set[int]:
+        return {id(t) for layer in self.layers for t in (layer.weight, layer.bias)}
+
     def trainable_parameters(self):
         return [p for p in self.adapter_parameters() if p.requires_grad]
 
-    def adapter_state_dict(self) -> dict:
-        """The method's tensors only (adapters, routers, statistics, selector keys)."""
-        base = {id(layer.weight) for layer in self.layers} | {id(layer.bias) for layer in self.layers}
+    def _adapter_tensors(self) -> dict:
+        """The live tensors of the method by state-dict name (adapters, routers, statistics,
+        selector keys), the wrapped W0 excluded."""
+        base = self._base_ids()
         state = {f"{name}.{k}": v for name, layer in zip(self.names, self.layers)
                  for k, v in layer.state_dict(keep_vars=True).items() if id(v) not in base}
         if self.selector is not None:
             state.update({f"selector.{k}": v for k, v in self.selector.state_dict(keep_vars=True).items()})
-        return {k: v.detach() for k, v in state.items()}
+        return state
+
+    def adapter_state_dict(self) -> dict:
+        """The method's tensors only, for an adapter-only checkpoint."""
+        return {k: v.detach() for k, v in self._adapter_tensors().items()}
+
+    def load_adapter_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Copy an adapter_state_dict into the method's tensors (their shapes must already exist:
+        start the same number of tasks first)."""
+        own = self._adapter_tensors()
+        with torch.no_grad():
+            for name, value in state.items():
+                if name not in own:
+                    raise KeyError(f"{source}: {name!r} is not a tensor of this method")
+                own[name].copy_(value)
 
 
 class SeqLoRA(Method):

@@ -278,12 +278,7 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model:
         state = torch.load(path, map_location="cpu", weights_only=True)
         while method.num_tasks < state["num_tasks"]:
             start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
-        own = method.adapter_state_dict()
-        with torch.no_grad():
-            for name, value in state["adapters"].items():
-                if name not in own:
-                    raise KeyError(f"{path}: {name!r} is not a tensor of this method")
-                _tensor_of(method, name).copy_(value)
+        method.load_adapter_state_dict(state["adapters"], source=str(path))
         for i, p in enumerate(method.adapter_parameters()):
             p.requires_grad_(i not in set(state["frozen"]))
         if "projector" in state:
@@ -291,20 +286,6 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model:
     elif method.num_tasks == 0:
         start_task(method, 0, cfg)
     return results, done
-
-
-def _tensor_of(method: Method, name: str) -> torch.Tensor:
-    """The live tensor behind an adapter_state_dict key."""
-    if name.startswith("selector."):
-        return method.selector.get_parameter(name[len("selector."):])
-    for layer_name, layer in zip(method.names, method.layers):
-        if name.startswith(layer_name + "."):
-            leaf = name[len(layer_name) + 1:]
-            try:
-                return layer.get_parameter(leaf)
-            except AttributeError:
-                return layer.get_buffer(leaf)
-    raise KeyError(name)
 
 
 # --------------------------------------------------------------------------- stage 1 for MiniCoIN
