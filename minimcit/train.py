@@ -300,7 +300,7 @@ BASE_PRESETS = {  # the tiny LLaVA each MiniCoIN preset starts from, and its pre
                                 image_size=64, patch_size=16),
                     text=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
                               num_key_value_heads=2),
-                    vocab=800, corpus=54000, epochs=1, batch=16, lr=5e-4),
+                    vocab=800, corpus=46000, epochs=1, batch=16, lr=5e-4),
     "large": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
                               image_size=224, patch_size=16),
                   text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -333,7 +333,7 @@ def pretrain_base(preset: str = "default", seed: int = 0, cache: Path | None = N
     LLaVA (vision tower, projector, LLM, all from random init) trained on its captions. Saved in
     the llava-hf layout with tokenizer.json, cached by preset, seed and recipe."""
     spec = BASE_PRESETS[preset]
-    recipe = json.dumps({"preset": preset, "seed": seed, "spec": spec, "version": 2}, sort_keys=True)
+    recipe = json.dumps({"preset": preset, "seed": seed, "spec": spec, "version": 3}, sort_keys=True)
     folder = (cache or default_cache()) / f"minicoin-base-{preset}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from minimcit.data import COIN, CVIT, Collator, Sample, caption_corpus, generate, load_benchmark, minicoin
-from minimcit.metrics import SCORERS, format_ok, score_task
+from minimcit.data import (COIN, CVIT, GRID, Collator, Sample, _cells, caption_corpus, generate, load_benchmark,
+                           minicoin)
+from minimcit.metrics import SCORERS, box_iou, format_ok, score_task
 from minimcit.processing import TextTokenizer
 
 
@@ -55,6 +56,31 @@ def test_every_task_needs_the_image():
                    for s in task.test]
         score, _ = score_task(task.kind, guesses, [s.target for s in task.test])
         assert score <= 45, f"{task.name}: text-only baseline scores {score:.1f}"
+
+
+def test_objects_sit_in_distinct_grid_cells_and_the_cell_passes_grounding():
+    """The grid world's promise (data._cells): every block lies inside its own cells, blocks never
+    share a cell, and the block's own box has IoU >= 0.5 with the object (0.75^2 = 0.5625 at the
+    smallest side), so a model that names the right cells scores on Grounding."""
+    rng = np.random.default_rng(0)
+    for size, n, span in [(64, 4, 1), (64, 16, 1), (64, 2, 2), (224, 3, 1), (32, 1, 2)]:
+        cell = size / GRID
+        boxes = _cells(rng, size, n, span=span)
+        taken = set()
+        for x1, y1, x2, y2 in boxes:
+            i, j = int(y1 // cell), int(x1 // cell)
+            assert x2 <= (j + span) * cell + 1e-9 and y2 <= (i + span) * cell + 1e-9  # inside its block
+            block = {(i + a, j + b) for a in range(span) for b in range(span)}
+            assert not block & taken
+            taken |= block
+            cell_box = (j * cell, i * cell, (j + span) * cell, (i + span) * cell)
+            assert box_iou(list(cell_box), [x1, y1, x2, y2]) >= 0.5
+    with pytest.raises(ValueError, match="do not fit"):
+        _cells(rng, 64, 5, span=2)
+    for s in minicoin("minicoin", "default", 0, n_train=50, n_test=1)[5].train:  # grounding answers
+        x1, y1, x2, y2 = (float(v) for v in s.answer.strip("[]").split(", "))
+        j, i = int(x1 * GRID + 1e-6), int(y1 * GRID + 1e-6)
+        assert box_iou([j / GRID, i / GRID, (j + 1) / GRID, (i + 1) / GRID], [x1, y1, x2, y2]) > 0.5
 
 
 def test_presets_and_errors():
