@@ -1,6 +1,6 @@
 """All six methods on MiniCoIN in one run: the README's results table.
 
-    python benchmarks/minicoin_table.py                  # default preset, CPU, ~25 min
+    python benchmarks/minicoin_table.py                  # default preset, 2-core CPU, 32 min
     python benchmarks/minicoin_table.py --preset smoke   # seconds, a check of the script itself
 
 Each method runs through run.py into runs/table-<preset>/<method>/ (an existing complete run is
