@@ -356,7 +356,7 @@ def caption_corpus(n: int, image_size: int, seed: int) -> list[Sample]:
     rng = np.random.default_rng([seed, 1000])
     # Words, covers, boxes and sides are the slowest to learn through the caption loss, so their
     # scenes come twice as often as the others.
-    names = [n for n in GENERATORS] + ["textvqa", "grounding", "ocrvqa", "gqa"]
+    names = list(GENERATORS) + ["textvqa", "grounding", "ocrvqa", "gqa"]
     out = []
     for i in range(n):
         img, _, _, _, desc = GENERATORS[names[i % len(names)]](rng, image_size)

@@ -74,6 +74,11 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def autocast(device):
+    """bf16 autocast on CUDA; on CPU a no-op, so training and evaluation stay fp32 there."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
 def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False) -> float:
@@ -89,7 +94,6 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     model.train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     progress, loss_value = Progress(label, total, quiet), float("nan")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
     for step in range(total):
         idx = order[step * per_step:(step + 1) * per_step].tolist()
         micro = [to_device(collator([samples[i] for i in idx[j:j + cfg.batch_size]]), device)
@@ -98,7 +102,7 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         loss_value = 0.0
         for b in micro:
             ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
-            with autocast, ctx:
+            with autocast(device), ctx:
                 loss_sum, _ = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
                 loss = loss_sum / max(1, n_tokens)  # every answer token of the step counts once
                 extra = method.extra_loss(b, task) if method else None
@@ -144,7 +148,7 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
                 method.use_task(t)
             sub = {k: v[rows] for k, v in batch.items()}
             ctx = method.batch_context(sub["attention_mask"]) if method else nullcontext()
-            with ctx, torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            with ctx, autocast(device):
                 new = model.generate(sub["input_ids"], sub["pixel_values"], sub["attention_mask"],
                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
                                      pad_token_id=collator.tok.pad_id)
@@ -279,8 +283,9 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model:
         while method.num_tasks < state["num_tasks"]:
             start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
         method.load_adapter_state_dict(state["adapters"], source=str(path))
+        frozen = set(state["frozen"])
         for i, p in enumerate(method.adapter_parameters()):
-            p.requires_grad_(i not in set(state["frozen"]))
+            p.requires_grad_(i not in frozen)
         if "projector" in state:
             model.multi_modal_projector.load_state_dict(state["projector"])
     elif method.num_tasks == 0:
