@@ -19,31 +19,24 @@ from pathlib import Path
 import torch
 
 from minimcit.adapters import METHODS, make_method
-from minimcit.data import Collator, load_benchmark, minicoin
+from minimcit.data import Collator, load_benchmark
+from minimcit.minicoin import PRESETS, minicoin, preset
 from minimcit.model import Llava
+from minimcit.pretrain import pretrain_base
 from minimcit.processing import TextTokenizer
 from minimcit.report import write_report
-from minimcit.train import TrainConfig, pretrain_base, run_continual
+from minimcit.train import TrainConfig, run_continual
 
-# Training settings per benchmark; a flag on the command line overrides them. MiniCoIN's
-# max_new_tokens fits a box answer (about 26 tokens: the tokenizer splits digits one by one);
-# its 6 epochs are where the joint run's letter answers (sciqa) were learned (benchmarks/README.md).
-RECIPES = {
-    "minicoin:smoke": dict(epochs=1, batch_size=4, lr=2e-3, eval_batch_size=8, max_new_tokens=12),
-    "minicoin:default": dict(epochs=6, batch_size=16, lr=2e-3, eval_batch_size=40, max_new_tokens=32),
-    "minicoin:large": dict(epochs=2, batch_size=32, lr=1e-3, eval_batch_size=64, max_new_tokens=32),
-    "paper": dict(epochs=1, batch_size=8, lr=2e-4, eval_batch_size=16, max_new_tokens=32),  # CoIN: 1 epoch, lr 2e-4
-}
-# Adapter sizes on the tiny MiniCoIN models (the papers' r=128 is for a 4096-wide LLM).
-TINY_ADAPTERS = {"smoke": dict(r=16, lora_alpha=32), "default": dict(r=32, lora_alpha=64),
-                 "large": dict(r=64, lora_alpha=128)}
+# Training settings for real data (CoIN: 1 epoch, lr 2e-4); MiniCoIN's sit in its preset table.
+# A flag on the command line overrides each.
+PAPER_RECIPE = dict(epochs=1, batch_size=8, lr=2e-4, eval_batch_size=16, max_new_tokens=32)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--tasks", required=True, choices=["minicoin", "minicvit", "coin", "cvit"])
-    p.add_argument("--preset", default="default", choices=["smoke", "default", "large"], help="MiniCoIN size")
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="MiniCoIN size")
     p.add_argument("--out", type=Path, help="output folder (default runs/<method>-<tasks>-<preset>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,18 +60,20 @@ def parse_args(argv=None):
     h.add_argument("--num-branches", type=int, help="branchlora (8)")
     h.add_argument("--top-k", type=int, help="branchlora (2)")
     h.add_argument("--route", choices=["token", "sequence"], help="branchlora routing (token)")
-    h.add_argument("--freeze-trunk-after-first-task", action="store_true", help="branchlora")
+    h.add_argument("--freeze-trunk-after-first-task", action="store_true", default=None, help="branchlora")
     h.add_argument("--r-task", type=int, help="lilora r~ (r/2)")
     h.add_argument("--reg-weight", type=float, help="lilora lambda of L_reg (1.0)")
-    h.add_argument("--freeze-basis-after-first-task", action="store_true", help="lilora, as its released code")
-    h.add_argument("--use-selector", action="store_true", help="dirlora / lilora: train the task selector too")
-    t = p.add_argument_group("training")
+    h.add_argument("--freeze-basis-after-first-task", action="store_true", default=None,
+                   help="lilora, as its released code")
+    h.add_argument("--use-selector", action="store_true", default=None, help="dirlora / lilora: train the task selector too")
+    t = p.add_argument_group("training (defaults: the benchmark's recipe)")
     for f in fields(TrainConfig):
         if f.name == "seed":
             continue
         flag = "--" + f.name.replace("_", "-")
+        # Every flag defaults to None, meaning "the recipe's value"; any value given, 0 included, is used.
         if f.type in ("bool", bool):
-            t.add_argument(flag, action="store_true")
+            t.add_argument(flag, action="store_true", default=None)
         else:
             t.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), float))
     return p.parse_args(argv)
@@ -93,9 +88,9 @@ METHOD_OPTIONS = {  # flags that belong to one method; giving one to another met
 
 
 def method_hparams(args) -> dict:
-    hp = dict(TINY_ADAPTERS[args.preset]) if args.tasks.startswith("mini") else {}
-    for name in ("r", "lora_alpha", *set().union(*METHOD_OPTIONS.values())):
-        if getattr(args, name) not in (None, False):
+    hp = dict(preset(args.preset).adapter) if args.tasks.startswith("mini") else {}
+    for name in ("r", "lora_alpha", *sorted(set().union(*METHOD_OPTIONS.values()))):
+        if getattr(args, name) is not None:
             hp[name] = getattr(args, name)
     if args.task_identity == "selector" and args.method in ("dirlora", "lilora"):
         hp["use_selector"] = True  # identity-free inference needs the selector trained
@@ -103,6 +98,13 @@ def method_hparams(args) -> dict:
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
     return hp
+
+
+def train_config(args) -> TrainConfig:
+    """The benchmark's recipe, with every flag the user gave (0 included) in its place."""
+    recipe = preset(args.preset).recipe if args.tasks.startswith("mini") else PAPER_RECIPE
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}
+    return TrainConfig(seed=args.seed, **{**recipe, **{k: v for k, v in given.items() if v is not None}})
 
 
 def main(argv=None) -> int:
@@ -119,10 +121,7 @@ def run(args) -> int:
     hp = method_hparams(args)  # refuse bad flags before minutes of loading or pre-training
     torch.manual_seed(args.seed)
     mini = args.tasks.startswith("mini")
-    recipe = RECIPES[f"minicoin:{args.preset}" if mini else "paper"]
-    cfg = TrainConfig(seed=args.seed, **{f.name: getattr(args, f.name) if getattr(args, f.name) not in (None, False)
-                                         else recipe.get(f.name, f.default) for f in fields(TrainConfig)
-                                         if f.name != "seed"})
+    cfg = train_config(args)
     out = args.out or Path("runs") / f"{args.method}-{args.tasks}-{args.preset if mini else 'paper'}"
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -146,8 +145,6 @@ def run(args) -> int:
     c = model.config
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
     method = make_method(args.method, model, **hp)
-    if cfg.train_projector:
-        model.multi_modal_projector.requires_grad_(True)
     run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": args.task_identity,
                 "max_per_task": args.max_per_task}
     results = run_continual(model, method, tasks, collator, cfg, out, identity=args.task_identity, resume=args.resume,

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimcit.data import COLOURS, SHAPES, Collator, Sample, gen_gqa, gen_imagenet  # noqa: E402
+from minimcit.data import Collator, Sample  # noqa: E402
+from minimcit.minicoin import COLOURS, PRESETS, SHAPES, gen_gqa, gen_imagenet  # noqa: E402
 from minimcit.model import CLIPVisionTower, Llava, VisionConfig  # noqa: E402
 from minimcit.processing import TextTokenizer, preprocess_image  # noqa: E402
-from minimcit.train import BASE_PRESETS  # noqa: E402
 
 
 def first(words, vocab):
@@ -36,23 +36,23 @@ def probe_base(path: Path):
     rng = np.random.default_rng(77)
     for gen in (gen_imagenet, gen_gqa):
         items = [gen(rng, c.vision.image_size) for _ in range(80)]
-        b = col([Sample("probe", "", "", image=i[0]) for i in items], generate=True)
+        b = col([Sample("probe", "", "", image=i.image) for i in items], prompt_only=True)
         out = model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=30,
                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         caps = [tok.decode(o) for o in out]
-        shape = np.mean([first(i[4], SHAPES) == first(o, SHAPES) for i, o in zip(items, caps)])
-        colour = np.mean([first(i[4], COLOURS) == first(o, COLOURS) for i, o in zip(items, caps)])
+        shape = np.mean([first(i.caption, SHAPES) == first(o, SHAPES) for i, o in zip(items, caps)])
+        colour = np.mean([first(i.caption, COLOURS) == first(o, COLOURS) for i, o in zip(items, caps)])
         print(f"{gen.__name__}: first shape right {shape:.2f}, first colour right {colour:.2f}")
 
 
 def probe_vision(steps: int, lr: float, seed: int = 0):
-    spec = BASE_PRESETS["default"]["vision"]
+    spec = PRESETS["default"].vision
     rng = np.random.default_rng(seed)
 
     def data(n):
         items = [gen_imagenet(rng, spec["image_size"]) for _ in range(n)]
-        return (torch.stack([preprocess_image(i[0], spec["image_size"]) for i in items]),
-                torch.tensor([SHAPES.index(i[2]) for i in items]))
+        return (torch.stack([preprocess_image(i.image, spec["image_size"]) for i in items]),
+                torch.tensor([SHAPES.index(i.answer) for i in items]))
 
     (xtr, ytr), (xte, yte) = data(3000), data(300)
     torch.manual_seed(seed)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+IGNORE_INDEX = -100  # the label of a position that carries no loss (prompt, image, padding)
+
 # --------------------------------------------------------------------------- config
 
 
@@ -102,8 +104,8 @@ class LlavaConfig:
         if not isinstance(layer, int):
             raise ValueError(f"{source}: vision_feature_layer must be one integer, got {layer!r}")
         cfg = cls(
-            vision=_pick(VisionConfig, d["vision_config"]),
-            text=_pick(TextConfig, text),
+            vision=_from_fields(VisionConfig, d["vision_config"]),
+            text=_from_fields(TextConfig, text),
             image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
             vision_feature_layer=layer,
             vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
@@ -146,7 +148,7 @@ class LlavaConfig:
         }
 
 
-def _pick(cls, d: dict):
+def _from_fields(cls, d: dict):
     """The dataclass fields present in d; everything else in a config.json is ignored."""
     return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
@@ -445,7 +447,7 @@ class Llava(nn.Module):
         h = self.language_model(x, _positions(attention_mask, input_ids),
                                 attention_mask_4d(attention_mask, input_ids.shape[1], 0))  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
-        keep = target != -100
+        keep = target != IGNORE_INDEX
         logits = self.lm_head(h[:, :-1][keep])  # (n, V)
         return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
 
@@ -490,8 +492,4 @@ def _positions(attention_mask, input_ids):
     if attention_mask is None:
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def num_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 

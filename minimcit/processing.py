@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA's expand2square
-IGNORE_INDEX = -100  # label of a token that carries no loss
+from .model import IGNORE_INDEX  # label of a token that carries no loss
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -108,15 +109,22 @@ def build_prompt(question: str, answer: str | None = None) -> str:
     return prompt if answer is None else f"{prompt} {answer}</s>"
 
 
+class Encoded(NamedTuple):
+    ids: list[int]
+    labels: list[int]  # IGNORE_INDEX except at the answer and its eos
+    instruction: slice  # the question's tokens through "ASSISTANT:": what the task selector reads
+
+
 def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num_image_tokens: int,
-                   image_token_index: int):
-    """Token ids and labels of one example. `<image>` becomes num_image_tokens copies of
+                   image_token_index: int) -> Encoded:
+    """Token ids, labels and the instruction span of one example. `<image>` becomes num_image_tokens copies of
     image_token_index; only the answer and its closing eos carry loss (labels elsewhere
     IGNORE_INDEX). The text on each side of the image is tokenised on its own, as LLaVA's
     tokenizer_image_token does, so -200 never passes through the tokenizer."""
     head, tail = build_prompt(question).split("<image>")  # tail = "\n{question} ASSISTANT:"
     tail_ids = tok.encode(tail)
     ids = [tok.bos_id] + tok.encode(head) + [image_token_index] * num_image_tokens + tail_ids
+    instruction = slice(len(ids) - len(tail_ids), len(ids))  # after the image, before the answer
     labels = [IGNORE_INDEX] * len(ids)
     if answer is not None:
         # Tokenise the answer after its prompt and keep the suffix, so its first token is the
@@ -127,12 +135,12 @@ def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num
         answer_ids = full[len(tail_ids):] + [tok.eos_id]
         ids += answer_ids
         labels += answer_ids
-    return ids, labels
+    return Encoded(ids, labels, instruction)
 
 
-def encode_plain(tok: TextTokenizer, caption: str, *, num_image_tokens: int, image_token_index: int):
+def encode_plain(tok: TextTokenizer, caption: str, *, num_image_tokens: int, image_token_index: int) -> Encoded:
     """LLaVA's stage-1 "plain" template: the image tokens, then the caption and eos, which alone
     carry loss. No system prompt and no question: pre-training only aligns image and text."""
     prefix = [tok.bos_id] + [image_token_index] * num_image_tokens
     target = tok.encode(caption) + [tok.eos_id]
-    return prefix + target, [IGNORE_INDEX] * len(prefix) + target
+    return Encoded(prefix + target, [IGNORE_INDEX] * len(prefix) + target, slice(len(prefix), len(prefix)))

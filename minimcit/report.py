@@ -13,13 +13,23 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34)]
 
 
+def row_labels(results: dict) -> list[str]:
+    """"base", then per row the task it stands for; a stage that trained several tasks at once
+    (the joint baseline) gives each of them the same row, labelled with the stage."""
+    tasks = results["tasks"]
+    stages = results.get("stages") or [[j] for j in range(len(tasks))]
+    labels = ["base"]
+    for s, stage in enumerate(stages, 1):
+        labels += [tasks[j] if len(stage) == 1 else f"stage {s}" for j in stage]
+    return [labels[0]] + [f"{k} {label}" for k, label in enumerate(labels[1:], 1)]
+
+
 def text_table(results: dict) -> str:
     tasks = results["tasks"]
     width = max(9, *(len(t) for t in tasks)) + 1
     lines = [f"{results['method']} — score (%) on each task (columns) after each stage (rows)",
              "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
-    for k, row in enumerate(results["acc_matrix"]):
-        label = "base" if k == 0 else f"{k} {tasks[k - 1]}" if results["method"] != "joint" else f"{k} joint"
+    for row, label in zip(results["acc_matrix"], row_labels(results)):
         lines.append(label[:11].ljust(12) + "".join(f"{v:{width}.1f}" for v in row))
     s = results.get("summary")
     if s:

@@ -45,29 +45,17 @@ class TaskSelector(nn.Module):
         return self.scores(e_img, e_txt).argmax(-1)
 
 
-def sample_embeddings(model, input_ids, pixel_values, attention_mask=None, labels=None, e_img=None):
+def sample_embeddings(model, input_ids, pixel_values, instruction_mask):
     """(e_img, e_txt) of each sample, from the frozen model: the mean CLIP patch feature at the
-    layer LLaVA reads, and the mean input embedding of the instruction, taken as the real,
-    unlabelled tokens after the image (the question and "ASSISTANT:"; the system prompt before
-    the image is the same for every task and would only dilute the signal). Pass `e_img` when
-    the forward pass already produced it (see `mean_patch_feature`)."""
+    layer LLaVA reads, and the mean input embedding of the instruction, the span the collator
+    marks (the question and "ASSISTANT:"; the system prompt before the image is the same for
+    every task and would only dilute the signal)."""
     c = model.config
     with torch.no_grad():
-        if e_img is None:
-            e_img = mean_patch_feature(model.vision_tower(pixel_values.to(model.lm_head.weight.dtype),
-                                                          c.vision_feature_layer))
+        hidden = model.vision_tower(pixel_values.to(model.lm_head.weight.dtype), c.vision_feature_layer)
+        e_img = hidden[:, 1:].float().mean(1)  # (B, Cv): mean over patches, CLS excluded
         is_image = input_ids == c.image_token_index  # (B, T)
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last_image = torch.where(is_image, pos, -1).max(dim=1, keepdim=True).values  # (B, 1); -1 if none
-        keep = pos > last_image
-        if attention_mask is not None:
-            keep &= attention_mask.bool()
-        if labels is not None:
-            keep &= labels == -100
         emb = model.language_model.embed_tokens(input_ids.masked_fill(is_image, 0)).float()  # (B, T, Ct)
-        e_txt = (emb * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # (B, Ct)
+        keep = instruction_mask.to(emb.dtype)[..., None]  # (B, T, 1)
+        e_txt = (emb * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, Ct)
     return e_img, e_txt
-
-
-def mean_patch_feature(vision_hidden):  # (N, P+1, Cv) -> (N, Cv): e_img, CLS excluded
-    return vision_hidden[:, 1:].detach().float().mean(1)

@@ -32,8 +32,10 @@ def batch(seed=1, n=2, text=6):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 60, (n, text + 4), generator=g)
     ids[:, 1:5] = 63  # 4 image tokens
+    instruction = torch.zeros_like(ids, dtype=torch.bool)
+    instruction[:, 5:8] = True  # the three tokens after the image stand for the question
     return {"input_ids": ids, "pixel_values": torch.randn(n, 3, 28, 28, generator=g),
-            "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            "attention_mask": torch.ones_like(ids), "instruction_mask": instruction, "labels": ids.clone()}
 
 
 def randomise(params, seed=0, std=0.3):
@@ -445,18 +447,39 @@ def test_parameter_counts_equal_closed_form():
     assert (rep["trainable"], rep["total_added"], rep["per_task"]) == (shared + task, shared + 3 * task, task)
 
 
-def test_l_align_reuses_the_forward_clip_features_and_equals_a_fresh_computation():
+def test_selector_reads_the_mean_clip_patch_feature_and_the_instruction_span():
+    """e_img by hand from the vision tower's layer LLaVA reads (CLS dropped), e_txt the mean
+    embedding of exactly the tokens the collator marks; L_align and the selection use them."""
     from minimcit.selector import sample_embeddings
 
     model = tiny_llava()
     m = make_method("branchlora", model, r=8, lora_alpha=16, num_branches=4, verbose=False)
     m.start_task(0)
     b = batch()
-    model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-    assert m._e_img is not None
-    reused = m.extra_loss(b, 0)
-    assert m._e_img is None  # consumed
-    fresh = m.extra_loss(b, 0)  # no forward before it: computes e_img itself
-    torch.testing.assert_close(reused, fresh)
-    e_img, e_txt = sample_embeddings(model, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-    torch.testing.assert_close(fresh, m.selector.align_loss(e_img, e_txt, 0))
+    e_img, e_txt = sample_embeddings(model, b["input_ids"], b["pixel_values"], b["instruction_mask"])
+    with torch.no_grad():
+        hidden = model.vision_tower(b["pixel_values"], model.config.vision_feature_layer)  # (B, 1 + 4, Cv)
+        emb = model.language_model.embed_tokens(b["input_ids"][:, 5:8])  # (B, 3, C)
+    torch.testing.assert_close(e_img, hidden[:, 1:].mean(1))
+    torch.testing.assert_close(e_txt, emb.mean(1))
+    torch.testing.assert_close(m.extra_loss(b, 0), m.selector.align_loss(e_img, e_txt, 0))
+    assert m.select_tasks(b).tolist() == [0, 0]  # one task so far
+
+
+def test_rank_must_split_evenly_across_experts_and_branches():
+    for name, key in (("moelora", "num_experts"), ("branchlora", "num_branches")):
+        with pytest.raises(ValueError, match=f"r=10 must split evenly into {key}=4"):
+            make_method(name, tiny_llava(), r=10, lora_alpha=20, verbose=False, **{key: 4})
+    m = make_method("branchlora", tiny_llava(), r=12, lora_alpha=24, num_branches=4, verbose=False)
+    m.start_task(0)
+    assert m.layers[0].lora_A.shape == (3, 32) and m.layers[0].scaling == 2.0  # r_b = 12 / 4, s = alpha / r
+    with pytest.raises(ValueError, match="top_k must be between 1 and num_branches=4, got 5"):
+        make_method("branchlora", tiny_llava(), r=8, lora_alpha=16, num_branches=4, top_k=5, verbose=False)
+
+
+def test_stages_are_data_joint_is_one_stage_of_every_task():
+    for name in sorted(adapters.METHODS):
+        m = make_method(name, tiny_llava(), r=8, lora_alpha=16, num_branches=4, verbose=False) if name == "branchlora" \
+            else make_method(name, tiny_llava(), r=8, lora_alpha=16, verbose=False)
+        want = [[0, 1, 2]] if name == "joint" else [[0], [1], [2]]
+        assert m.stages(3) == want, name

@@ -68,7 +68,8 @@ def test_prompt_is_vicuna_v1():
 
 def test_only_answer_and_eos_carry_loss(word_tokenizer):
     tok, vocab = word_tokenizer
-    ids, labels = encode_example(tok, "what colour?", "light red", num_image_tokens=4, image_token_index=-200)
+    ids, labels, instruction = encode_example(tok, "what colour?", "light red", num_image_tokens=4,
+                                              image_token_index=-200)
     assert len(ids) == len(labels)
     assert ids[0] == vocab["<s>"] and ids.count(-200) == 4
     start = ids.index(-200)
@@ -77,13 +78,14 @@ def test_only_answer_and_eos_carry_loss(word_tokenizer):
     assert ids[start + 4:] == [vocab[w] for w in ["what", "colour", "?", "ASSISTANT", ":", "light", "red", "</s>"]]
     assert labels[:-3] == [IGNORE_INDEX] * (len(ids) - 3)
     assert labels[-3:] == [vocab["light"], vocab["red"], vocab["</s>"]]
+    assert ids[instruction] == [vocab[w] for w in ["what", "colour", "?", "ASSISTANT", ":"]]  # what the selector reads
 
 
 def test_prompt_without_answer_ends_at_assistant(word_tokenizer):
     tok, vocab = word_tokenizer
-    ids, labels = encode_example(tok, "what colour?", None, num_image_tokens=2, image_token_index=99)
+    ids, labels, instruction = encode_example(tok, "what colour?", None, num_image_tokens=2, image_token_index=99)
     assert ids[-2:] == [vocab["ASSISTANT"], vocab[":"]]
-    assert set(labels) == {IGNORE_INDEX}
+    assert set(labels) == {IGNORE_INDEX} and instruction.stop == len(ids)
 
 
 def test_tokenizer_special_tokens_and_errors(word_tokenizer, tmp_path):
@@ -101,6 +103,7 @@ def test_plain_stage1_template_is_image_then_caption(word_tokenizer):
     from minimcit.processing import encode_plain
 
     tok, vocab = word_tokenizer
-    ids, labels = encode_plain(tok, "light red", num_image_tokens=3, image_token_index=-200)
+    ids, labels, instruction = encode_plain(tok, "light red", num_image_tokens=3, image_token_index=-200)
     assert ids == [vocab["<s>"], -200, -200, -200, vocab["light"], vocab["red"], vocab["</s>"]]
     assert labels == [IGNORE_INDEX] * 4 + [vocab["light"], vocab["red"], vocab["</s>"]]
+    assert ids[instruction] == []  # no question in stage 1

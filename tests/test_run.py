@@ -2,6 +2,7 @@
 on a fixture with a tiny random checkpoint in each layout, and bad input through run.py."""
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import run
 from minimcit import train
+from minimcit.adapters import make_method
+from minimcit.minicoin import PRESETS
+from minimcit.train import TrainConfig
 
 SMOKE = ["--tasks", "minicvit", "--preset", "smoke", "--quiet"]
 
@@ -120,6 +124,41 @@ def test_an_option_of_another_method_is_refused(capsys):
     assert "--num-experts does not apply to --method branchlora" in capsys.readouterr().err
     args = run.parse_args(["--method", "lilora", "--tasks", "minicoin", "--task-identity", "selector", "--r-task", "8"])
     assert run.method_hparams(args) == {"r": 32, "lora_alpha": 64, "r_task": 8, "use_selector": True}
+
+
+TRAIN_FLAGS = [f.name for f in fields(TrainConfig) if f.name != "seed" and f.type not in ("bool", bool)]
+
+
+@pytest.mark.parametrize("name", TRAIN_FLAGS)
+def test_a_numeric_training_flag_reaches_train_config_zero_included(name):
+    """0 means 0 (it once fell back to the recipe, since 0.0 == False); no flag means the recipe."""
+    flag = "--" + name.replace("_", "-")
+    for tasks, recipe in (("minicoin", PRESETS["default"].recipe), ("coin", run.PAPER_RECIPE)):
+        for value in ("0", "3"):
+            cfg = run.train_config(run.parse_args(["--method", "seqlora", "--tasks", tasks, flag, value]))
+            assert getattr(cfg, name) == float(value), (tasks, value)
+        cfg = run.train_config(run.parse_args(["--method", "seqlora", "--tasks", tasks]))
+        assert getattr(cfg, name) == recipe.get(name, TrainConfig.__dataclass_fields__[name].default)
+
+
+@pytest.mark.parametrize("method,flag,name", [
+    ("seqlora", "--r", "r"), ("seqlora", "--lora-alpha", "lora_alpha"), ("moelora", "--num-experts", "num_experts"),
+    ("branchlora", "--num-branches", "num_branches"), ("branchlora", "--top-k", "top_k"),
+    ("lilora", "--r-task", "r_task"), ("lilora", "--reg-weight", "reg_weight")])
+def test_a_numeric_method_flag_reaches_the_method_zero_included(method, flag, name):
+    for value in ("0", "2"):
+        hp = run.method_hparams(run.parse_args(["--method", method, "--tasks", "minicoin", flag, value]))
+        assert hp[name] == float(value)
+    default = run.method_hparams(run.parse_args(["--method", method, "--tasks", "minicoin"]))
+    assert default.get(name) == PRESETS["default"].adapter.get(name)
+
+
+def test_reg_weight_zero_is_lilora_without_l_reg():
+    from test_adapters import tiny_llava
+
+    hp = run.method_hparams(run.parse_args(["--method", "lilora", "--tasks", "minicoin", "--reg-weight", "0"]))
+    m = make_method("lilora", tiny_llava(), verbose=False, **hp)
+    assert m.reg_weight == 0.0
 
 
 def test_missing_data_root_and_model(tmp_path, capsys):

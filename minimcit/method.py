@@ -1,0 +1,211 @@
+"""What every continual adapter method shares: the wrapped layer (a frozen Linear W0 plus
+s * delta(x), keeping W0's state-dict keys), injection by full module name, and the task life
+cycle `Method` runs. The four adapter families and their methods are in adapters.py.
+
+The life cycle: start_task (which calls the method's one hook, `add_task_parameters`) -> train
+(trainable parameters + extra_loss) -> end_task; then use_task / select_tasks at inference,
+merge, and parameter accounting. `stages` says which tasks each training stage sees.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .selector import TaskSelector, sample_embeddings
+
+# Placement by full module name, scoped to the language model and the projector.
+TARGETS = {
+    "llm": r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+    "ffn+projector": r"language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj|multi_modal_projector\.linear_[12]",
+}
+
+
+def kaiming(p: torch.Tensor) -> torch.Tensor:
+    nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # nn.Linear's (and peft's lora_A) default
+    return p
+
+
+class AdapterLinear(nn.Module):
+    """A frozen Linear plus s * delta(x). Holds W0 as its own `weight`/`bias` so the
+    wrapped layer's state-dict keys do not change; adapter tensors are float32."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.r, self.scaling = r, alpha / r
+        self.task = 0  # which task's parameters the forward uses
+        self.merged = False
+
+    def zeros(self, *shape) -> nn.Parameter:
+        """A new float32 Parameter of zeros on the base layer's device."""
+        return nn.Parameter(torch.zeros(*shape, device=self.weight.device, dtype=torch.float32))
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + self.delta(x.to(torch.float32)).to(y.dtype)
+
+    def delta(self, x):  # s * (adapter update) x, x in float32
+        raise NotImplementedError
+
+    def delta_weight(self):  # (out, in): s * DeltaW of the active task
+        raise NotImplementedError(f"{type(self).__name__} routes per input and cannot be merged")
+
+    def merge(self) -> None:
+        """W0 <- W0 + s DeltaW_task: a plain Linear's cost, same outputs."""
+        if not self.merged:
+            with torch.no_grad():
+                self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            with torch.no_grad():
+                self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+def inject(model: nn.Module, target: str, make) -> list[str]:
+    """Replace every nn.Linear whose full name matches `target` by make(linear)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target, n)]
+    if not names:
+        raise ValueError(f"no Linear layer of the model matches target {target!r}")
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, make(model.get_submodule(name)))
+    return names
+
+
+def wrap_summary(method: str, names: list[str]) -> str:
+    kinds = Counter(n.rsplit(".", 1)[-1] for n in names)
+    return f"{method}: wrapped {len(names)} linears (" + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) + ")"
+
+
+class Method:
+    """The continual life cycle around one adapter family. Tasks are numbered from 0."""
+
+    default_target = "llm"
+    task_specific = False  # has per-task parameters: inference needs a task (oracle or selector)
+
+    def __init__(self, model, *, r: int = 128, lora_alpha: float = 256, target: str | None = None,
+                 use_selector: bool = False, align_weight: float = 1.0, verbose: bool = True):
+        if r < 1:
+            raise ValueError(f"r must be at least 1, got {r}")
+        self.model, self.r, self.alpha = model, r, lora_alpha
+        self.num_tasks = 0
+        model.requires_grad_(False)  # the base is frozen; adapters own every trainable tensor
+        pattern = TARGETS.get(target or self.default_target, target or self.default_target)
+        self.names = inject(model, pattern, self.make_layer)
+        self.layers = [model.get_submodule(n) for n in self.names]
+        self.selector = None
+        if use_selector:
+            self.selector = TaskSelector(model.config.vision.hidden_size, model.config.text.hidden_size,
+                                         device=model.lm_head.weight.device)
+        self.align_weight = align_weight
+        if verbose:
+            print(wrap_summary(type(self).__name__.lower(), self.names))
+
+    def make_layer(self, base: nn.Linear) -> AdapterLinear:
+        raise NotImplementedError
+
+    def stages(self, num_tasks: int) -> list[list[int]]:
+        """The tasks each training stage sees, in order: one task per stage (the joint
+        baseline overrides this with one stage of every task). Stage k is method task k."""
+        return [[t] for t in range(num_tasks)]
+
+    # -- training
+    def start_task(self, t: int) -> None:
+        if t != self.num_tasks:
+            raise ValueError(f"tasks start in order: expected task {self.num_tasks}, got {t}")
+        self.add_task_parameters(t)
+        self.num_tasks += 1
+        if self.selector is not None:
+            self.selector.add_task()
+        self.use_task(t)
+
+    def add_task_parameters(self, t: int) -> None:
+        """The one hook a method fills in: create (and freeze) what task t needs."""
+
+    def end_task(self, t: int) -> None:
+        pass
+
+    def extra_loss(self, batch: dict, task: int):
+        """Method losses added to L_task, already weighted (None when there are none)."""
+        if self.selector is None:
+            return None
+        e_img, e_txt = sample_embeddings(self.model, batch["input_ids"], batch["pixel_values"],
+                                         batch["instruction_mask"])
+        return self.align_weight * self.selector.align_loss(e_img, e_txt, task)  # lambda * L_align
+
+    @contextmanager
+    def batch_context(self, attention_mask=None, training: bool = False):
+        """Wrap each forward (or generate) call: methods that route per sequence or collect
+        statistics read the batch's padding mask from here."""
+        yield
+
+    # -- inference
+    def use_task(self, t: int) -> None:
+        for layer in self.layers:
+            layer.task = t
+
+    def select_tasks(self, batch: dict):
+        """Task index per sample from the selector (identity-free inference)."""
+        if self.selector is None:
+            raise ValueError(f"{type(self).__name__} was built without a task selector")
+        e_img, e_txt = sample_embeddings(self.model, batch["input_ids"], batch["pixel_values"],
+                                         batch["instruction_mask"])
+        return self.selector.select(e_img, e_txt)
+
+    def merge(self, t: int) -> None:
+        self.use_task(t)
+        for layer in self.layers:
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers:
+            layer.unmerge()
+
+    # -- accounting and checkpoints
+    def adapter_tensors(self) -> dict:
+        """The live tensors of the method by state-dict name (adapters, routers, statistics,
+        selector keys), the wrapped W0 excluded."""
+        base = {id(t) for layer in self.layers for t in (layer.weight, layer.bias)}
+        state = {f"{name}.{k}": v for name, layer in zip(self.names, self.layers)
+                 for k, v in layer.state_dict(keep_vars=True).items() if id(v) not in base}
+        if self.selector is not None:
+            state.update({f"selector.{k}": v for k, v in self.selector.state_dict(keep_vars=True).items()})
+        return state
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the method added (the wrapped W0 excluded), trainable or not."""
+        return [v for v in self.adapter_tensors().values() if isinstance(v, nn.Parameter)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.adapter_parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict:
+        """The method's tensors only, for an adapter-only checkpoint."""
+        return {k: v.detach() for k, v in self.adapter_tensors().items()}
+
+    def load_adapter_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """Copy an adapter_state_dict into the method's tensors (their shapes must already exist:
+        start the same number of tasks first)."""
+        own = self.adapter_tensors()
+        with torch.no_grad():
+            for name, value in state.items():
+                if name not in own:
+                    raise KeyError(f"{source}: {name!r} is not a tensor of this method")
+                own[name].copy_(value)

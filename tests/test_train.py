@@ -1,0 +1,154 @@
+"""The step loop and evaluation: token-weighted gradient accumulation against one full batch,
+the learning-rate schedule by hand, and how `predict` groups a batch by task (oracle identity
+or the selector's choice)."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from test_adapters import randomise, tiny_llava
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from minimcit import train
+from minimcit.adapters import make_method
+from minimcit.data import Collator, Sample
+from minimcit.processing import TextTokenizer
+from minimcit.train import TrainConfig, lr_factor, predict, train_stage
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "what", "colour", "shape", "?", "ASSISTANT", ":", "red", "blue", "green",
+         "big", "small", "circle"]
+
+
+@pytest.fixture
+def collator(tmp_path):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return Collator(TextTokenizer(tmp_path), num_image_tokens=4, image_token_index=63, image_size=28)
+
+
+def samples(n=4):
+    """Answers of 1, 2, 3 and 4 words: micro-batches with unequal answer-token counts."""
+    answers = ["red", "big red", "big red circle", "small blue green circle"]
+    colours = ["red", "blue", "green", "white"]
+    return [Sample("t", "what colour ?" if i % 2 else "what shape ?", answers[i % 4],
+                   image=Image.new("RGB", (28, 28), colours[i % 4]), id=str(i)) for i in range(n)]
+
+
+def lora_model(seed=0):
+    model = tiny_llava(seed)
+    method = make_method("seqlora", model, r=4, lora_alpha=8, verbose=False)
+    method.start_task(0)
+    randomise(method.trainable_parameters(), seed=seed, std=0.1)  # non-zero B: gradients reach A too
+    return model, method
+
+
+def grads_seen_by_clipping(monkeypatch):
+    """The gradients of each step as the loop hands them to clipping (before the update)."""
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        seen.append([p.grad.clone() for p in params])
+        return real(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return seen
+
+
+def test_two_micro_batches_equal_one_batch_of_both_token_weighted(collator, monkeypatch):
+    data = samples(4)
+    # The reference: one batch of all four, loss = summed answer-token NLL / number of answer tokens.
+    model, method = lora_model()
+    b = collator(data)
+    loss_sum, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+    (loss_sum / n).backward()
+    want = [p.grad.clone() for p in method.trainable_parameters()]
+
+    seen = grads_seen_by_clipping(monkeypatch)
+    model, method = lora_model()
+    cfg = TrainConfig(epochs=1, batch_size=2, grad_accum=2, lr=1e-3, max_grad_norm=1e9)
+    train_stage(model, method.trainable_parameters(), data, collator, cfg, stage=1, label="t", quiet=True)
+    assert len(seen) == 1  # four samples, 2 x 2 per step: one step
+    for got, ref in zip(seen[0], want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+    # The test can tell: the mean of the two micro-batches' own means weights tokens unequally.
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(cfg.seed * 1000 + 1)).tolist()
+    model, method = lora_model()
+    for half in (order[:2], order[2:]):
+        mb = collator([data[i] for i in half])
+        s, k = model.loss(mb["input_ids"], mb["pixel_values"], mb["attention_mask"], mb["labels"])
+        (s / k / 2).backward()
+    naive = [p.grad for p in method.trainable_parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(naive, want)) > 1e-4
+
+
+def test_lr_schedule_by_hand():
+    # total 10 steps, warm-up 2: linear up to the full rate, then cosine to zero over 8 steps
+    assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2) == 1.0
+    assert lr_factor(6, 10, 2) == pytest.approx(0.5)
+    assert lr_factor(9, 10, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+@pytest.mark.parametrize("warmup_ratio,want", [(0.0, [1.0, 1.0, 0.75, 0.25]), (0.5, [0.5, 1.0, 1.0, 0.5])])
+def test_the_loop_applies_the_schedule(warmup_ratio, want, collator, monkeypatch):
+    """The learning rate of each optimiser step, read from the optimiser: warm-up share 0 means
+    no warm-up (the first step at the full rate), not the recipe's default."""
+    lrs = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    model, method = lora_model()
+    cfg = TrainConfig(epochs=4, batch_size=4, lr=0.1, warmup_ratio=warmup_ratio)
+    train_stage(model, method.trainable_parameters(), samples(4), collator, cfg, stage=1, label="t", quiet=True)
+    # 4 steps; warm-up int(ratio * 4) steps, at least 1; cosine from the end of warm-up
+    assert lrs == pytest.approx([0.1 * f for f in want])
+
+
+def test_predict_groups_a_batch_by_the_task_each_sample_is_sent_to(collator, monkeypatch):
+    """Oracle: every sample uses its task's parameters (an unseen task the newest). Selector:
+    each sample uses the task the selector picked, and a hit is a pick equal to the true task.
+    Either way a sample's answer equals generating it alone with those parameters."""
+    model = tiny_llava()
+    method = make_method("dirlora", model, r=4, lora_alpha=8, use_selector=True, verbose=False)
+    for t in range(2):
+        method.start_task(t)
+    randomise(method.adapter_parameters(), seed=3, std=0.5)  # two different, non-zero LoRAs
+    data = samples(4)
+    cfg = TrainConfig(eval_batch_size=4, max_new_tokens=3)
+
+    def alone(t):
+        return [predict(model, [s], collator, cfg, method=method, trained=2, true_task=t)[0][0] for s in data]
+
+    answers = {t: alone(t) for t in (0, 1)}
+    assert answers[0] != answers[1]  # the two tasks' LoRAs answer differently: the grouping is visible
+
+    preds, hits = predict(model, data, collator, cfg, method=method, trained=2, true_task=1)
+    assert preds == answers[1] and hits is None
+    preds, _ = predict(model, data, collator, cfg, method=method, trained=1, true_task=1)  # task 1 unseen
+    assert preds == answers[0]
+
+    picks = torch.tensor([1, 0, 0, 1])
+    monkeypatch.setattr(method, "select_tasks", lambda batch: picks[:len(batch["input_ids"])])
+    preds, hits = predict(model, data, collator, cfg, method=method, trained=2, identity="selector", true_task=0)
+    assert preds == [answers[t][i] for i, t in enumerate(picks.tolist())]
+    assert hits == [False, True, True, False]
+
+
+def test_train_projector_is_refused_where_the_method_adapts_the_projector():
+    model = tiny_llava()
+    method = make_method("lilora", model, r=4, lora_alpha=8, verbose=False)
+    with pytest.raises(ValueError, match="already adapts the projector"):
+        train.trained_projector(model, method, TrainConfig(train_projector=True))
+    model = tiny_llava()
+    method = make_method("seqlora", model, r=4, lora_alpha=8, verbose=False)
+    params = train.trained_projector(model, method, TrainConfig(train_projector=True))
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for p in model.language_model.parameters())
