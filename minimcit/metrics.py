@@ -211,11 +211,11 @@ def continual_summary(acc_matrix, format_matrix=None) -> dict:
     if T == 0 or len(a) != T + 1 or any(len(row) != T for row in a):
         raise ValueError(f"acc_matrix must be (T+1) x T with row 0 the base model; got {len(a)} rows "
                          f"of lengths {[len(r) for r in a]}")
-    ap = [sum(a[k][:k]) / k for k in range(1, T + 1)]  # AP_k = mean_{j<=k} a[k][j], Eq. 9
-    map_ = [sum(ap[:k]) / k for k in range(1, T + 1)]  # MAP_k = mean_{i<=k} AP_i, Eq. 9
+    ap = [sum(a[k][:k]) / k for k in range(1, T + 1)]  # AP_k = mean_{j<=k} a[k][j], LiLoRA Eq. 9
+    map_ = [sum(ap[:k]) / k for k in range(1, T + 1)]  # MAP_k = mean_{i<=k} AP_i, LiLoRA Eq. 9
     out = {
         "AP": ap[-1], "MAP": map_[-1],
-        "BWT": sum(a[T][j] - a[j + 1][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0,  # Eq. 10, k = T
+        "BWT": sum(a[T][j] - a[j + 1][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0,  # LiLoRA Eq. 10, k = T
         "ACC": ap[-1],  # = MFN = AP_T
         "MFT": sum(a[j + 1][j] for j in range(T)) / T,  # score on each task right after learning it
         "FWT": sum(a[j][j] - a[0][j] for j in range(1, T)) / (T - 1) if T > 1 else 0.0,  # before learning j vs base
@@ -225,6 +225,6 @@ def continual_summary(acc_matrix, format_matrix=None) -> dict:
         f = [list(map(float, row)) for row in format_matrix]
         if len(f) != T + 1 or any(len(row) != T for row in f):
             raise ValueError("format_matrix must have the accuracy matrix's shape")
-        mif = [sum(f[k][:k]) / k for k in range(1, T + 1)]  # MIF_k = mean_{j<=k} f[k][j], Eq. 11
+        mif = [sum(f[k][:k]) / k for k in range(1, T + 1)]  # MIF_k = mean_{j<=k} f[k][j], LiLoRA Eq. 11
         out.update(MIF=mif[-1], MIF_k=mif)
     return out
