@@ -65,7 +65,8 @@ def parse_args(argv=None):
     h.add_argument("--reg-weight", type=float, help="lilora lambda of L_reg (1.0)")
     h.add_argument("--freeze-basis-after-first-task", action="store_true", default=None,
                    help="lilora, as its released code")
-    h.add_argument("--use-selector", action="store_true", default=None, help="dirlora / lilora: train the task selector too")
+    h.add_argument("--use-selector", action="store_true", default=None,
+                   help="dirlora / lilora: train the task selector too")
     t = p.add_argument_group("training (defaults: the benchmark's recipe)")
     for f in fields(TrainConfig):
         if f.name == "seed":

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from .checkpoint import atomic_write
