@@ -13,36 +13,52 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from minimcit.adapters import METHODS, make_method
-from minimcit.data import Collator, load_benchmark
+from minimcit.check import check_benchmark
+from minimcit.data import Collator, load_benchmark, missing_images
 from minimcit.minicoin import PRESETS, minicoin, preset
 from minimcit.model import Llava
 from minimcit.pretrain import pretrain_base
 from minimcit.processing import TextTokenizer
 from minimcit.report import write_report
-from minimcit.train import TrainConfig, run_continual
+from minimcit.train import TrainConfig, rescore, run_continual
 
-# Training settings for real data (CoIN: 1 epoch, lr 2e-4); MiniCoIN's sit in its preset table.
-# A flag on the command line overrides each.
-PAPER_RECIPE = dict(epochs=1, batch_size=8, lr=2e-4, eval_batch_size=16, max_new_tokens=32)
+# Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
+# CoIN (scripts/LLaVA/Train/*.sh), for its LoRA and MoELoRA and so for BranchLoRA, which builds on it:
+# lr 2e-4, projector trained at 2e-5, 1 epoch, warm-up 0.03, cosine, no weight decay, 14 per device x 8
+# GPUs x 8 accumulation steps = 896 per step, bf16 on GPU. LiLoRA (scripts/LiLoRA/Train/train_task.sh):
+# lr 2e-5, weight decay 0.01, projector not trained (LiLoRA adapts it), 8 per device x 2 accumulation
+# steps x 4 GPUs = 64 per step. Here the global batch is batch_size x grad_accum.
+COIN_RECIPE = dict(epochs=1, batch_size=14, grad_accum=64, lr=2e-4, warmup_ratio=0.03, weight_decay=0.0,
+                   train_projector=True, projector_lr=2e-5, eval_batch_size=16, max_new_tokens=32)
+LILORA_RECIPE = dict(epochs=1, batch_size=8, grad_accum=8, lr=2e-5, warmup_ratio=0.03, weight_decay=0.01,
+                     train_projector=False, eval_batch_size=16, max_new_tokens=32)
+ADAPTER_DROPOUT = 0.05  # on the adapter input, as all three reference codebases train on real data
+
+
+def paper_recipe(method: str) -> dict:
+    return LILORA_RECIPE if method == "lilora" else COIN_RECIPE
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--tasks", required=True, choices=["minicoin", "minicvit", "coin", "cvit"])
+    p.add_argument("--method", choices=sorted(METHODS))
+    p.add_argument("--tasks", choices=["minicoin", "minicvit", "coin", "cvit"])
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="MiniCoIN size")
     p.add_argument("--out", type=Path, help="output folder (default runs/<method>-<tasks>-<preset>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--task-identity", default="oracle", choices=["oracle", "selector"],
-                   help="how task-specific methods pick their parameters at test time")
+    p.add_argument("--task-identity", choices=["oracle", "selector"],
+                   help="how task-specific methods pick their parameters at test time (default: oracle; "
+                        "branchlora on coin/cvit: selector, its paper's identity-free protocol)")
+    p.add_argument("--check-data", action="store_true", help="coin/cvit: check every file and image, then stop")
+    p.add_argument("--rescore", type=Path, metavar="OUT", help="rebuild a run's matrices from its saved predictions")
     p.add_argument("--quiet", action="store_true")
     g = p.add_argument_group("real data (coin, cvit)")
     g.add_argument("--data-root", type=Path)
@@ -52,10 +68,15 @@ def parse_args(argv=None):
     g.add_argument("--projector", type=Path, help="mm_projector.bin / .safetensors (original layout)")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in --model)")
     g.add_argument("--max-per-task", type=int, help="cap on train and test samples per task")
+    g.add_argument("--instructions", default="original", choices=["original", "type2"],
+                   help="CoIN's instruction set (Instructions_Original or Instructions_Type2)")
+    g.add_argument("--textvqa-answers", type=Path,
+                   help="TextVQA_0.5.1_val.json (default: <image-root>/TextVQA/TextVQA_0.5.1_val.json)")
     g.add_argument("--cache", type=Path, help="where the MiniCoIN base model is cached")
     h = p.add_argument_group("method (defaults: the papers'; MiniCoIN scales r to its tiny model)")
     h.add_argument("--r", type=int)
     h.add_argument("--lora-alpha", type=float)
+    h.add_argument("--dropout", type=float, help=f"adapter input dropout (coin/cvit {ADAPTER_DROPOUT}, MiniCoIN 0)")
     h.add_argument("--num-experts", type=int, help="moelora (8)")
     h.add_argument("--num-branches", type=int, help="branchlora (8)")
     h.add_argument("--top-k", type=int, help="branchlora (2)")
@@ -74,9 +95,9 @@ def parse_args(argv=None):
         flag = "--" + f.name.replace("_", "-")
         # Every flag defaults to None, meaning "the recipe's value"; any value given, 0 included, is used.
         if f.type in ("bool", bool):
-            t.add_argument(flag, action="store_true", default=None)
+            t.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            t.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), float))
+            t.add_argument(flag, type={"int": int}.get(str(f.type), float))
     return p.parse_args(argv)
 
 
@@ -89,13 +110,13 @@ METHOD_OPTIONS = {  # flags that belong to one method; giving one to another met
 
 
 def method_hparams(args) -> dict:
-    hp = dict(preset(args.preset).adapter) if args.tasks.startswith("mini") else {}
-    for name in ("r", "lora_alpha", *sorted(set().union(*METHOD_OPTIONS.values()))):
+    hp = dict(preset(args.preset).adapter) if args.tasks.startswith("mini") else {"dropout": ADAPTER_DROPOUT}
+    for name in ("r", "lora_alpha", "dropout", *sorted(set().union(*METHOD_OPTIONS.values()))):
         if getattr(args, name) is not None:
             hp[name] = getattr(args, name)
     if args.task_identity == "selector" and args.method in ("dirlora", "lilora"):
         hp["use_selector"] = True  # identity-free inference needs the selector trained
-    wrong = sorted(set(hp) - {"r", "lora_alpha"} - METHOD_OPTIONS.get(args.method, set()))
+    wrong = sorted(set(hp) - {"r", "lora_alpha", "dropout"} - METHOD_OPTIONS.get(args.method, set()))
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
     return hp
@@ -103,14 +124,27 @@ def method_hparams(args) -> dict:
 
 def train_config(args) -> TrainConfig:
     """The benchmark's recipe, with every flag the user gave (0 included) in its place."""
-    recipe = preset(args.preset).recipe if args.tasks.startswith("mini") else PAPER_RECIPE
+    recipe = preset(args.preset).recipe if args.tasks.startswith("mini") else paper_recipe(args.method)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}
     return TrainConfig(seed=args.seed, **{**recipe, **{k: v for k, v in given.items() if v is not None}})
+
+
+def task_identity(args) -> str:
+    if args.task_identity:
+        return args.task_identity
+    return "selector" if args.method == "branchlora" and not args.tasks.startswith("mini") else "oracle"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.rescore:
+            return rescore_run(args.rescore)
+        missing = [f"--{a}" for a in ("method", "tasks") if getattr(args, a) is None]
+        if args.check_data:
+            return check_data(args)
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
         return run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -118,8 +152,37 @@ def main(argv=None) -> int:
         return 1
 
 
+def rescore_run(out: Path) -> int:
+    if not (out / "results.json").is_file():
+        raise FileNotFoundError(f"{out / 'results.json'} not found: --rescore needs a run folder")
+    results = rescore(out)
+    print(write_report(results, out))
+    print(f"rescored {out / 'results.json'} from {out / 'predictions'}")
+    return 0
+
+
+def check_data(args) -> int:
+    if args.tasks not in ("coin", "cvit"):
+        raise ValueError("--check-data checks real data: use it with --tasks coin or cvit")
+    missing = [f"--{a.replace('_', '-')}" for a in ("data_root", "image_root") if getattr(args, a) is None]
+    if missing:
+        raise ValueError(f"--check-data needs {', '.join(missing)}")
+    table, faults, notes = check_benchmark(args.tasks, args.data_root, args.image_root, args.instructions,
+                                           args.textvqa_answers)
+    print(table)
+    for line in notes:
+        print(f"note: {line}")
+    for line in faults[:50]:
+        print(f"fault: {line}")
+    if len(faults) > 50:
+        print(f"... and {len(faults) - 50} more faults")
+    print(f"{len(faults)} fault(s) found" if faults else "no faults found")
+    return 1 if faults else 0
+
+
 def run(args) -> int:
     hp = method_hparams(args)  # refuse bad flags before minutes of loading or pre-training
+    identity = task_identity(args)
     torch.manual_seed(args.seed)
     mini = args.tasks.startswith("mini")
     cfg = train_config(args)
@@ -138,7 +201,14 @@ def run(args) -> int:
         missing = [f"--{a.replace('_', '-')}" for a in ("data_root", "image_root", "model") if getattr(args, a) is None]
         if missing:
             raise ValueError(f"--tasks {args.tasks} needs {', '.join(missing)}")
-        tasks = load_benchmark(args.tasks, args.data_root, args.image_root, args.max_per_task)
+        tasks = load_benchmark(args.tasks, args.data_root, args.image_root, args.max_per_task,
+                               instructions=args.instructions, textvqa_answers=args.textvqa_answers)
+        gone = missing_images(tasks)  # before minutes of loading and hours of training
+        if gone:
+            shown = "\n  ".join(map(str, gone[:10]))
+            raise FileNotFoundError(f"{len(gone)} image(s) the run would read are missing under {args.image_root}, "
+                                    f"e.g.\n  {shown}\n(run.py --check-data lists every fault)")
+        print_data_plan(args, tasks, cfg, identity)
         model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,
                                       dtype=dtype, device=device)
         tok_path = args.tokenizer or args.model
@@ -146,13 +216,29 @@ def run(args) -> int:
     c = model.config
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
     method = make_method(args.method, model, **hp)
-    run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": args.task_identity,
+    run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": identity,
                 "max_per_task": args.max_per_task}
-    results = run_continual(model, method, tasks, collator, cfg, out, identity=args.task_identity, resume=args.resume,
-                            device=device, run_info=run_info, quiet=args.quiet)
+    if not mini:
+        run_info["instructions"] = args.instructions
+    results = run_continual(model, method, tasks, collator, cfg, out, identity=identity, resume=args.resume,
+                            primary="robust" if mini else "official", device=device, run_info=run_info,
+                            quiet=args.quiet)
     print(write_report(results, out))
     print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png")
     return 0
+
+
+def print_data_plan(args, tasks, cfg: TrainConfig, identity: str) -> None:
+    """What a researcher must know before hours of training: the files each task is scored on,
+    whether the official TextVQA score can be computed, and the recipe."""
+    print(f"{args.tasks} ({args.instructions} instructions), task identity at test time: {identity}", file=sys.stderr)
+    for t in tasks:
+        note = ""
+        if t.name == "TextVQA" and not all(isinstance(s.answers, list) and len(s.answers) == 10 for s in t.test):
+            note = "  (no ten answers per item: official TextVQA score unavailable; pass --textvqa-answers)"
+        print(f"  {t.name:10s} train {len(t.train):7d}  test {len(t.test):6d} from {t.test_file}{note}",
+              file=sys.stderr)
+    print("  recipe: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()), file=sys.stderr)
 
 
 if __name__ == "__main__":

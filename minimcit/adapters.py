@@ -40,7 +40,7 @@ class LoRALinear(AdapterLinear):
         self.lora_B.append(self.zeros(self.out_features, self.r))  # B (out, r) zeros: identity at init
 
     def delta(self, x):
-        return self.scaling * F.linear(F.linear(x, self.lora_A[self.task]), self.lora_B[self.task])
+        return self.scaling * F.linear(F.linear(self.drop(x), self.lora_A[self.task]), self.lora_B[self.task])
 
     def delta_weight(self):
         return self.scaling * self.lora_B[self.task] @ self.lora_A[self.task]  # (out, in)
@@ -103,7 +103,11 @@ class MoELoRALinear(AdapterLinear):
 
     def delta(self, x):
         g = F.linear(x, self.router).softmax(-1)  # (..., N) dense gates
-        a = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.r_e))  # (..., N, r/N): A_n x
+        if self.dropout and self.training:  # CoIN draws each expert's dropout mask on its own
+            xs = F.dropout(x.unsqueeze(-2).expand(*x.shape[:-1], self.num_experts, -1), self.dropout)  # (..., N, in)
+            a = torch.einsum("...ni,nri->...nr", xs, self.lora_A.view(self.num_experts, self.r_e, -1))
+        else:
+            a = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.r_e))  # (..., N, r/N): A_n x
         # sum_n g_n B_n A_n x == [B_1 .. B_N] (g_1 A_1 x; ...; g_N A_N x): one matmul for all experts
         return self.scaling * F.linear((g[..., None] * a).flatten(-2), self.lora_B)
 
@@ -184,7 +188,7 @@ class BranchLoRALinear(AdapterLinear):
         return mask if mask is not None and mask.shape == x.shape[:2] else None
 
     def delta(self, x):
-        a = F.linear(x, self.lora_A)  # (B, T, r_b): A x, computed once for every branch
+        a = F.linear(self.drop(x), self.lora_A)  # (B, T, r_b): A x, computed once for every branch
         g = self.gates(x).expand(*x.shape[:-1], -1)  # (B, T, N), k non-zero per token
         if self.ctx.collect and self.training:
             mask = self.real_tokens(x)
@@ -281,7 +285,7 @@ class LiLoRALinear(AdapterLinear):
 
     def delta(self, x):
         t, alpha = self.task, self.fusion(self.task)
-        a = F.linear(x, self.lora_A)  # (..., r): A x
+        a = F.linear(self.drop(x), self.lora_A)  # (..., r): A x
         shared = F.linear(a, self.lora_B0)  # B0 A x
         specific = F.linear(F.linear(a, self.task_A[t]), self.task_B[t])  # B~_t A~_t A x
         return self.scaling * (alpha * shared + (1 - alpha) * specific)  # LiLoRA Eq. 6 applied to x

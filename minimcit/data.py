@@ -8,6 +8,7 @@ files, with image paths decoded only when a batch is collated.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,13 @@ from .processing import IGNORE_INDEX, TextTokenizer, encode_example, encode_plai
 @dataclass
 class Sample:
     task: str
-    question: str  # the instruction after "<image>\n"
-    answer: str  # the training target
+    question: str  # the (first) instruction, without "<image>"
+    answer: str  # the training target (of the first turn)
     answers: Any = None  # what the scorer compares with: a list for VQA and captions; None means `answer`
-    image: Any = None  # a PIL image, or a path read at collation
+    image: Any = None  # a PIL image, a path read at collation, or None for a text-only item
     id: str = ""
+    later_turns: tuple = ()  # (question, answer) pairs after the first, all trained on
+    size: list | None = None  # the image's [w, h] where a scorer needs it (CoIN Grounding's test.json)
 
     @property
     def target(self):
@@ -35,9 +38,11 @@ class Sample:
 @dataclass
 class Task:
     name: str
-    scorer: str  # metrics.SCORERS key, or "caption" (CIDEr)
+    scorer: str  # the robust scorer: a metrics.SCORERS key, or "caption" (CIDEr)
+    official: str | None = None  # the official rule: the CoIN/CVIT task whose script scores it (official.py)
     train: list[Sample] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
+    test_file: str = ""  # where the test items came from, as a researcher would cite it
 
 
 # CoIN's instruction suffixes, reused by MiniCoIN so both read the same.
@@ -47,15 +52,28 @@ COIN = [("ScienceQA", "letter"), ("TextVQA", "vqa"), ("ImageNet", "substring"), 
         ("VizWiz", "exact"), ("Grounding", "box"), ("VQAv2", "exact"), ("OCRVQA", "exact")]
 CVIT = [("ScienceQA", "letter"), ("TextVQA", "vqa"), ("Flickr30k", "caption"), ("ImageNet", "substring"),
         ("GQA", "exact"), ("VQAv2", "exact")]
+# The file each benchmark's evaluation scripts read; the rest read test.json. CoIN: scripts/LLaVA/Eval/
+# *.sh in zackschen/CoIN (its README lists only train and test); CVIT: scripts/LiLoRA/Eval/*.sh.
+EVAL_FILES = {"coin": {"TextVQA": "val.json", "VizWiz": "val.json", "VQAv2": "val.json"},
+              "cvit": {"TextVQA": "val.json", "Flickr30k": "val.json", "VQAv2": "val.json"}}
+# CoIN's instruction sets; its README spells the folders Instruction_*, its scripts Instructions_*.
+INSTRUCTIONS = {"original": ("Instructions_Original", "Instruction_Original"),
+                "type2": ("Instructions_Type2", "Instruction_Type2")}
+# The ten TextVQA answers the official scorer needs, where CoIN and LiLoRA keep them under the image root.
+TEXTVQA_ANSWERS = Path("TextVQA") / "TextVQA_0.5.1_val.json"
 
 
-def _read_list(path: Path) -> list:
+def _read_json(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json_list(path: Path) -> list:
+    data = _read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
     return data
@@ -69,62 +87,172 @@ def _field(item, key, path: Path, i: int, types=(str,)):
     return item[key]
 
 
+def _image(item, path: Path, i: int, image_root: Path):
+    """The item's image path, or None: LLaVA data has text-only items (ScienceQA has many)."""
+    return image_root / _field(item, "image", path, i) if isinstance(item, dict) and "image" in item else None
+
+
+def _strip_image(text: str) -> str:
+    return text.replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
+
+
+def _turns(item, path: Path, i: int) -> list[tuple[str, str]]:
+    """A LLaVA conversation as (human, gpt) pairs: turns must alternate, human first, and end on gpt."""
+    turns = _field(item, "conversations", path, i, (list,))
+    roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
+    if len(turns) < 2 or len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+        raise ValueError(f"{path}: item {i} field 'conversations' must alternate human and gpt turns, human "
+                         f"first, ending on gpt; got roles {roles}")
+    for k, t in enumerate(turns):
+        if not isinstance(t.get("value"), str):
+            raise ValueError(f"{path}: item {i} turn {k} has no text field 'value'")
+    return [(_strip_image(turns[k]["value"]), turns[k + 1]["value"]) for k in range(0, len(turns), 2)]
+
+
+def train_sample(item, path: Path, i: int, task: str, image_root: Path) -> Sample:
+    """A LLaVA conversation: every (human, gpt) turn is trained on; the first is the sample's question."""
+    (question, answer), *later = _turns(item, path, i)
+    return Sample(task, question, answer, None, _image(item, path, i, image_root), id=str(item.get("id", i)),
+                  later_turns=tuple(later))
+
+
 def _train_samples(path: Path, task: str, image_root: Path, cap) -> list[Sample]:
-    """LLaVA conversations: the first human turn (minus <image>) and the gpt turn after it."""
+    return [train_sample(item, path, i, task, image_root) for i, item in enumerate(read_json_list(path)[:cap])]
+
+
+def parse_gold_box(text, path: Path, i: int) -> str:
+    """A gold box must be four numbers in [0, 1] (normalised to the padded square, as CoIN writes
+    them); anything else would score 0 for every prediction without a word."""
+    nums = re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", str(text))
+    if len(nums) != 4 or not all(0 <= float(v) <= 1 for v in nums):
+        raise ValueError(f"{path}: item {i} field 'answer_bbox' should be four numbers in [0, 1] "
+                         f"(normalised [x1, y1, x2, y2]), got {text!r}")
+    return str(text) if isinstance(text, str) else str(list(text))
+
+
+def test_sample(item, path: Path, i: int, task: str, scorer: str, image_root: Path, answers_by_id=None) -> Sample:
+    key = "answer_bbox" if scorer == "box" else "answer"
+    answer = _field(item, key, path, i, (str, list))
+    if not answer or (isinstance(answer, list) and not all(isinstance(a, str) and a for a in answer)):
+        raise ValueError(f"{path}: item {i} field {key!r} is empty")
+    if scorer == "box":
+        answer = parse_gold_box(answer, path, i)
+    qid = item.get("question_id", i)
+    first = answer if isinstance(answer, str) else answer[0]
+    answers = None if isinstance(answer, str) else list(answer)
+    if answers_by_id is not None and str(qid) in answers_by_id:
+        answers = answers_by_id[str(qid)]  # TextVQA: the ten annotator answers
+    size = item.get("size") if scorer == "box" else None
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, (int, float))
+                                                                                   and v > 0 for v in size)):
+        raise ValueError(f"{path}: item {i} field 'size' should be [width, height], got {size!r}")
+    return Sample(task, _strip_image(_field(item, "text", path, i)), first, answers,
+                  _image(item, path, i, image_root), id=str(qid), size=size)
+
+
+def _test_samples(path: Path, task: str, scorer: str, image_root: Path, cap, answers_by_id=None) -> list[Sample]:
+    return [test_sample(item, path, i, task, scorer, image_root, answers_by_id)
+            for i, item in enumerate(read_json_list(path)[:cap])]
+
+
+def read_textvqa_answers(path: Path) -> dict:
+    data = _read_json(path)
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected TextVQA's {{'data': [...]}} layout")
+    return {str(x["question_id"]): list(x["answers"]) for x in items
+            if isinstance(x, dict) and "question_id" in x and isinstance(x.get("answers"), list)}
+
+
+def task_folder_root(name: str, data_root: Path, instructions: str = "original") -> Path:
+    """Where the task folders are: CoIN's Instructions_<set>/ (either spelling), CVIT's
+    Instructions_Single/ (or CoIN-style Instructions_Original/), or the data root itself."""
+    if name == "coin":
+        for folder in INSTRUCTIONS[instructions]:
+            if (data_root / folder).is_dir():
+                return data_root / folder
+        if instructions != "original":
+            raise FileNotFoundError(f"--instructions {instructions}: none of {list(INSTRUCTIONS[instructions])} "
+                                    f"is in {data_root}")
+    elif instructions != "original":
+        raise ValueError(f"--instructions {instructions}: {name} has one instruction set")
+    for folder in ("Instructions_Single", *INSTRUCTIONS["original"]):  # CVIT's layout in LiLoRA's scripts
+        if (data_root / folder).is_dir():
+            return data_root / folder
+    return data_root
+
+
+def task_files(name: str, data_root: Path, image_root: Path, instructions="original", textvqa_answers=None):
+    """Per task: (name, scorer, folder, the file its evaluation script reads, TextVQA's answer file)."""
+    base = task_folder_root(name, data_root, instructions)
     out = []
-    for i, item in enumerate(_read_list(path)[:cap]):
-        turns = _field(item, "conversations", path, i, (list,))
-        if len(turns) < 2 or not all(isinstance(t, dict) and "value" in t for t in turns[:2]):
-            raise ValueError(f"{path}: item {i} field 'conversations' needs a human and a gpt turn with 'value'")
-        question = turns[0]["value"].replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
-        out.append(Sample(task, question, turns[1]["value"], None, image_root / _field(item, "image", path, i),
-                          id=str(item.get("id", i))))
+    for task, scorer in {"coin": COIN, "cvit": CVIT}[name]:
+        folder = base / task
+        test_file = folder / EVAL_FILES[name].get(task, "test.json")
+        if not test_file.is_file():
+            test_file = folder / "test.json"
+        ann = None
+        if task == "TextVQA":
+            ann = Path(textvqa_answers) if textvqa_answers else image_root / TEXTVQA_ANSWERS
+            if textvqa_answers and not ann.is_file():
+                raise FileNotFoundError(f"--textvqa-answers: missing file: {ann}")
+        out.append((task, scorer, folder, test_file, ann))
     return out
 
 
-def _test_samples(path: Path, task: str, scorer: str, image_root: Path, cap) -> list[Sample]:
-    out = []
-    for i, item in enumerate(_read_list(path)[:cap]):
-        answer = _field(item, "answer_bbox" if scorer == "box" else "answer", path, i, (str, list))
-        if scorer == "box" and isinstance(answer, list):
-            answer = str(answer)
-        first = answer if isinstance(answer, str) else answer[0]
-        question = _field(item, "text", path, i).replace("<image>", "").strip()
-        out.append(Sample(task, question, first, None if isinstance(answer, str) else answer,
-                          image_root / _field(item, "image", path, i), id=str(item.get("question_id", i))))
-    return out
-
-
-def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = None) -> list[Task]:
-    """CoIN or CVIT from `<data_root>/Instructions_Original/<Task>/{train,test}.json` (CoIN's
-    layout; `<data_root>/<Task>/` also works) with image paths relative to `image_root`."""
+def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = None, *, instructions="original",
+                   textvqa_answers=None) -> list[Task]:
+    """CoIN or CVIT from `<data_root>/Instructions_<set>/<Task>/train.json` and the file each
+    task's evaluation script reads (EVAL_FILES: val.json where the script reads it and the folder
+    has it, else test.json), image paths relative to `image_root`. TextVQA's ten answers come
+    from `textvqa_answers` or `<image_root>/TextVQA/TextVQA_0.5.1_val.json`; without them the
+    official TextVQA score is unavailable."""
     order = {"coin": COIN, "cvit": CVIT}[name]
     data_root, image_root = Path(data_root), Path(image_root)
     for p, what in ((data_root, "data root"), (image_root, "image root")):
         if not p.is_dir():
             raise FileNotFoundError(f"{what} not found: {p}")
-    base = data_root / "Instructions_Original" if (data_root / "Instructions_Original").is_dir() else data_root
     tasks = []
-    for task, scorer in order:
-        folder = base / task
+    for task, scorer, folder, test_file, ann in task_files(name, data_root, image_root, instructions,
+                                                           textvqa_answers):
         if not folder.is_dir():
             raise FileNotFoundError(f"missing task folder: {folder} ({name} needs {[t for t, _ in order]})")
-        t = Task(task, scorer, _train_samples(folder / "train.json", task, image_root, max_per_task),
-                 _test_samples(folder / "test.json", task, scorer, image_root, max_per_task))
-        for split in ("train", "test"):
+        by_id = read_textvqa_answers(ann) if ann is not None and ann.is_file() else None
+        t = Task(task, scorer, task, _train_samples(folder / "train.json", task, image_root, max_per_task),
+                 _test_samples(test_file, task, scorer, image_root, max_per_task, by_id), test_file=str(test_file))
+        for split, path in (("train", folder / "train.json"), ("test", test_file)):
             if not getattr(t, split):
-                raise ValueError(f"{folder / (split + '.json')}: no items")
+                raise ValueError(f"{path}: no items")
         tasks.append(t)
     return tasks
+
+
+def missing_images(tasks: list[Task]) -> list[Path]:
+    """Every image file the run will read that is not there: one stat per file, no decoding, so
+    a missing image of the last task is found before the first one trains."""
+    paths = {s.image for t in tasks for s in (*t.train, *t.test) if isinstance(s.image, (str, Path))}
+    return sorted(Path(p) for p in paths if not Path(p).is_file())
 
 
 # --------------------------------------------------------------------------- collation
 
 
+def select_rows(batch: dict, rows: list[int], image_token_index: int) -> dict:
+    """The sub-batch of `rows`. pixel_values holds one image per row that has one, in row order,
+    so the rows' images are picked by counting image rows."""
+    has_image = (batch["input_ids"] == image_token_index).any(1).tolist()  # (B,)
+    image_of = {r: sum(has_image[:r]) for r in range(len(has_image)) if has_image[r]}
+    out = {k: v[rows] for k, v in batch.items() if k != "pixel_values"}
+    picked = [image_of[r] for r in rows if r in image_of]
+    out["pixel_values"] = batch["pixel_values"][picked] if picked else None
+    return out
+
+
 class Collator:
     """Samples -> a batch dict: input_ids, attention_mask, pixel_values, instruction_mask (the
-    question's tokens, which the task selector reads) and, for training, labels (answer and eos
-    only). Right padding for training; left padding and no answer with `prompt_only=True`, the
+    question's tokens, which the task selector reads) and, for training, labels (answers and eos
+    only). pixel_values stacks the images of the samples that have one, in order (None if none
+    has), as the model writes each image's features at its sample's image tokens. Right padding for training; left padding and no answer with `prompt_only=True`, the
     prompts `Llava.generate` continues. `plain=True` uses the stage-1 template (image, then
     caption) instead of the conversation."""
 
@@ -148,7 +276,9 @@ class Collator:
                 rows = [r._replace(ids=r.ids[:-1], labels=r.labels[:-1]) for r in rows]
         else:
             rows = [encode_example(self.tok, s.question, None if prompt_only else s.answer,
-                                   num_image_tokens=self.n_img, image_token_index=self.img_id) for s in samples]
+                                   num_image_tokens=self.n_img, image_token_index=self.img_id,
+                                   with_image=s.image is not None, later_turns=() if prompt_only else s.later_turns)
+                    for s in samples]
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -159,8 +289,9 @@ class Collator:
             sl = slice(shift, shift + len(r.ids))
             ids[i, sl], labels[i, sl], mask[i, sl] = torch.tensor(r.ids), torch.tensor(r.labels), 1
             instruction[i, shift + r.instruction.start:shift + r.instruction.stop] = True
+        images = [self.pixels(s) for s in samples if s.image is not None]  # text-only samples have none
         batch = {"input_ids": ids, "attention_mask": mask, "instruction_mask": instruction,
-                 "pixel_values": torch.stack([self.pixels(s) for s in samples])}
+                 "pixel_values": torch.stack(images) if images else None}
         if not prompt_only:
             batch["labels"] = labels
         return batch

@@ -44,6 +44,10 @@ class AdapterLinear(nn.Module):
         self.r, self.scaling = r, alpha / r
         self.task = 0  # which task's parameters the forward uses
         self.merged = False
+        self.dropout = 0.0  # on the adapter's input while training, as the reference codebases do
+
+    def drop(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
     def zeros(self, *shape) -> nn.Parameter:
         """A new float32 Parameter of zeros on the base layer's device."""
@@ -101,7 +105,7 @@ class Method:
     task_specific = False  # has per-task parameters: inference needs a task (oracle or selector)
 
     def __init__(self, model, *, r: int = 128, lora_alpha: float = 256, target: str | None = None,
-                 use_selector: bool = False, align_weight: float = 1.0, verbose: bool = True):
+                 dropout: float = 0.0, use_selector: bool = False, align_weight: float = 1.0, verbose: bool = True):
         if r < 1:
             raise ValueError(f"r must be at least 1, got {r}")
         self.model, self.r, self.alpha = model, r, lora_alpha
@@ -110,6 +114,10 @@ class Method:
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for layer in self.layers:
+            layer.dropout = dropout
         self.selector = None
         if use_selector:
             self.selector = TaskSelector(model.config.vision.hidden_size, model.config.text.hidden_size,

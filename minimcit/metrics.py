@@ -1,6 +1,9 @@
-"""Per-task scorers (SPEC §3) and continual metrics from the accuracy matrix (SPEC §4).
+"""Per-task scorers of the robust protocol (SPEC §3), the answer processing and CIDEr-D both
+protocols share, and continual metrics from the accuracy matrix (SPEC §4).
 
-Scores are fractions in [0, 1] per sample; task scores and continual metrics are percentages.
+Scores are fractions in [0, 1] per sample (CIDEr: its own scale); task scores and continual
+metrics are percentages. The official protocol, the benchmarks' own scripts with their quirks,
+is in official.py; ROBUST_FIXES lists where the two differ and why.
 """
 
 from __future__ import annotations
@@ -9,33 +12,108 @@ import math
 import re
 from collections import Counter
 
-# --------------------------------------------------------------------------- answer normalisation
+# What the robust protocol fixes in the official scripts (official.py), task by task.
+ROBUST_FIXES = {
+    "ScienceQA": "letters are read case-insensitively and after 'answer'/'option' ('Answer: B', 'the answer is "
+                 "(b)'); a one-character word that is no option ('a cat' -> 'A') is not a letter",
+    "TextVQA": "soft accuracy against whatever answers an item has (one answer: equality after normalising), so "
+               "it never stops for want of the ten; casefold",
+    "ImageNet": "normalised both sides; containment by whole words either way; an empty or one-letter "
+                "prediction is no hit (officially '' and 'b' are inside 'bird')",
+    "GQA, VizWiz, VQAv2": "the EvalAI answer normaliser on both sides (case, punctuation, articles, number words)",
+    "OCRVQA": "no veto for 'Unanswerable' inside the prediction (a real title may contain it); normalised equality",
+    "Grounding": "the first four numbers wherever they stand, corners sorted, clipped to [0, 1] (officially one "
+                 "character is sliced off each end first, so '[0.1, 0.2, 0.5, 0.6]' is read as ending in 0.)",
+    "Flickr30k": "pycocoevalcap's CIDEr-D on PTB-tokenised captions, each prediction against all its references "
+                 "(officially raw words, one best reference, and the two roles swapped)",
+}
 
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-_APOSTROPHE = re.compile(r"(?<=\w)['’](?=\w)")  # inside a word: "don't", "o’clock"
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d)")  # 1,000
-_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period that is not a decimal point
-_PUNCT = re.compile(r"[;:/\[\]\"'’()=+\\_<>@`,?!*#%&{}|~^$-]")
+# --------------------------------------------------------------------------- the EvalAI answer processor (both protocols)
+
+# ETrain/Eval/LLaVA/CoIN/m4c_evaluator.py, EvalAIAnswerProcessor (copied there from mmf, and in
+# turn from the VQA evaluation code), kept character for character.
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ["a", "an", "the"]
+# "(?!<=\d)" is a lookahead for the text "<=" and a digit, not the lookbehind it was meant to be:
+# every period not followed by a digit is stripped, "5." included.
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+PUNCTUATIONS = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!"]
+
+
+def evalai_answer(item: str, lower=str.lower) -> str:
+    """EvalAIAnswerProcessor.__call__: word_tokenize, then process_punctuation, then
+    process_digit_article. `lower` is str.lower there; the robust protocol passes str.casefold."""
+    item = lower(item).replace(",", "").replace("?", "").replace("'s", " 's").strip()  # word_tokenize
+    item = item.replace("\n", " ").replace("\t", " ").strip()
+    out = item  # process_punctuation
+    for p in PUNCTUATIONS:
+        # A digit-comma-digit anywhere (none is left after word_tokenize) or a punctuation mark next to a
+        # space deletes the mark; otherwise it becomes a space.
+        if (p + " " in item or " " + p in item) or re.search(COMMA_STRIP, item) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = PERIOD_STRIP.sub("", out, re.UNICODE)  # re.UNICODE lands in `count`: at most 32 periods go
+    words = []  # process_digit_article
+    for word in lower(out).split():
+        word = NUMBER_MAP.setdefault(word, word)
+        if word not in ARTICLES:
+            words.append(word)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def textvqa_scores(answers: list[str], lower=str.lower) -> dict:
+    """TextVQAAccuracyEvaluator._compute_answer_scores: for each distinct processed answer, the
+    mean over the ten leave-one-out subsets of min(1, matches / 3). The script asserts ten."""
+    answers = [evalai_answer(a, lower) for a in answers]
+    scores = {}
+    for unique in set(answers):
+        accs = [min(1.0, sum(1 for j, a in enumerate(answers) if j != i and a == unique) / 3)
+                for i in range(len(answers))]
+        scores[unique] = sum(accs) / len(accs)
+    return scores
+
+
+
+# --------------------------------------------------------------------------- robust per-sample scorers
 
 
 def normalize_answer(text: str) -> str:
-    """The standard VQA answer normalisation: lower case; punctuation removed (decimal
-    points and thousands separators kept as numbers); number words as digits; articles
-    dropped; contractions folded. The VQA evaluator maps "dont" to "don't"; folding both
-    sides to the apostrophe-free spelling matches the same pairs, since prediction and
-    answers go through the same function here."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _APOSTROPHE.sub("", text)
-    text = _THOUSANDS.sub("", text)
-    text = _PERIOD.sub(" ", text)
-    text = _PUNCT.sub(" ", text)
-    words = [NUMBER_WORDS.get(w, w) for w in text.split()]
-    return " ".join(w for w in words if w not in ARTICLES)
-
-
-# --------------------------------------------------------------------------- per-sample scorers
+    """The EvalAI answer normaliser, with casefold for lower."""
+    return evalai_answer(text, str.casefold)
 
 
 def exact_match(pred: str, answer: str) -> float:
@@ -50,26 +128,26 @@ def vqa_accuracy(pred: str, answers) -> float:
         answers = [answers]
     if len(answers) == 1:
         return exact_match(pred, answers[0])
-    p = normalize_answer(pred)
-    gts = [normalize_answer(a) for a in answers]
-    return sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+    return textvqa_scores(list(answers), str.casefold).get(normalize_answer(pred), 0.0)
 
 
 def substring_match(pred: str, answer: str) -> float:
-    """ImageNet: the label inside the prediction or the prediction inside the label."""
+    """ImageNet: the label's words inside the prediction's, or the prediction's inside the
+    label's; a prediction of less than two characters is never inside a label."""
     p, a = normalize_answer(pred), normalize_answer(answer)
-    return float(bool(p) and bool(a) and (a in p or p in a))
+    return float(bool(a) and (f" {a} " in f" {p} " or (len(p) > 1 and f" {p} " in f" {a} ")))
 
 
-_LETTER = re.compile(r"^\(?([A-Z])(?:[).:\s]|$)")  # "B", "B.", "(B)", "B) cat", "B: cat"
-_LETTER_IN_TEXT = re.compile(r"\b(?:answer|option) (?:is )?\(?([A-Z])\b", re.IGNORECASE)
+_LETTER = re.compile(r"^\(?([A-Za-z])(?:[).:]|$)|^([A-HJ-Z])\s")  # "B", "b.", "(B)", "b) cat", "B cat"; not "a cat", "I think"
+_LETTER_IN_TEXT = re.compile(r"\b(?:answer|option)\s*(?:is\s*)?:?\s*\(?([A-Za-z])\b(?!['’])", re.IGNORECASE)
 
 
 def parse_option(pred: str) -> str | None:
-    """The option letter a prediction names: a leading letter, or "the answer is (B)"."""
+    """The option letter a prediction names: a leading letter ("B", "b.", "(c)"), or one after
+    "answer"/"option" ("Answer: B", "the answer is (b)"); upper case."""
     pred = pred.strip()
     m = _LETTER.match(pred) or _LETTER_IN_TEXT.search(pred)
-    return m.group(1).upper() if m else None
+    return next(g for g in m.groups() if g).upper() if m else None
 
 
 def option_accuracy(pred: str, answer: str) -> float:
@@ -113,10 +191,53 @@ def grounding_accuracy(pred: str, answer) -> float:
 # --------------------------------------------------------------------------- CIDEr
 
 
+# pycocoevalcap's PTBTokenizer runs Stanford's PTBTokenizer (-preserveLines -lowerCase) and drops
+# these tokens. Lower-casing turns "-LRB-" into "-lrb-", which is then not on the list and stays.
+PTB_DROPPED = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
+_ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "jr.", "sr.", "etc.", "vs.", "inc.", "ltd.", "co.",
+                  "mt.", "p.m.", "a.m."}
+_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
+                "'tis": ["'t", "is"], "'twas": ["'t", "was"]}
+_CLITIC = re.compile(r"^(.+?)(n't|'s|'m|'d|'ll|'re|'ve)$")
+_TRAILING = re.compile(r"^(.*?)(\.\.\.|[,;:!?]+|\.|%)$")
+
+
+def _ptb_word(word: str) -> list[str]:
+    """One whitespace-separated chunk -> PTB tokens (lower case already)."""
+    if not word:
+        return []
+    if word in _ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.){2,}", word) or word in ("--", "...", "-"):
+        return [word]
+    if word in _SPLIT_WORDS:
+        return list(_SPLIT_WORDS[word])
+    if word[0] in "$#'" and len(word) > 1 and not word.startswith("'n'"):
+        return [word[0]] + _ptb_word(word[1:])  # "$5" -> "$ 5", "#1" -> "# 1", "'single" -> "' single"
+    m = _TRAILING.match(word)
+    if m and m.group(1):
+        return _ptb_word(m.group(1)) + [m.group(2)]  # "dog." -> "dog ."; "50%" -> "50 %"; "wow!!" -> "wow !!"
+    if word.endswith("'") and len(word) > 1 and not word.endswith("n'"):
+        return _ptb_word(word[:-1]) + ["'"]  # "dogs'" -> "dogs '"
+    m = _CLITIC.match(word)  # "isn't" -> "is n't", "can't" -> "ca n't", "man's" -> "man 's"
+    return list(m.groups()) if m else [word]
+
+
+def ptb_tokens(text: str) -> list[str]:
+    """The PTB tokenizer rules pycocoevalcap applies before CIDEr, without Java: lower case;
+    brackets as -lrb- and kin; double quotes and backticks dropped; clitics split ("is n't",
+    "ca n't", "man 's", "can not"); "$", "#" and "%" split off; sentence punctuation split off;
+    hyphenated words, decimals, "5:30", "1,000", "3/4" and abbreviations ("mr.", "u.s.") kept."""
+    text = text.replace("\n", " ").lower()
+    for bracket, name in _BRACKETS.items():
+        text = text.replace(bracket, f" {name} ")
+    text = re.sub(r'["“”`]+', " ", text)
+    tokens = [t for chunk in text.split() for t in _ptb_word(chunk)]
+    return [t for t in tokens if t not in PTB_DROPPED]
+
+
 def caption_tokens(text: str) -> str:
-    """Lower case, punctuation dropped, single spaces: what pycocoevalcap's PTB tokenizer
-    feeds CIDEr, without its Java dependency."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    """A caption as pycocoevalcap hands it to CIDEr: PTB tokens joined by spaces."""
+    return " ".join(ptb_tokens(text))
 
 
 def _ngrams(sentence: str, n: int = 4) -> Counter:
@@ -162,41 +283,10 @@ def cider(preds: list[str], refs: list[list[str]], n: int = 4, sigma: float = 6.
     return scores
 
 
-# --------------------------------------------------------------------------- tasks: scoring and format
+# --------------------------------------------------------------------------- robust scorers by kind
 
 SCORERS = {"letter": option_accuracy, "vqa": vqa_accuracy, "substring": substring_match,
            "exact": exact_match, "box": grounding_accuracy}
-
-
-def format_ok(kind: str, pred: str, answer) -> bool:
-    """MIF's format checks: a single letter; a box; a caption ending in "." with more than four
-    words; anything else (VQA-type) at most two words or an exact match."""
-    pred = pred.strip()
-    if kind == "letter":
-        return re.fullmatch(r"[A-Z]", pred) is not None
-    if kind == "box":
-        return parse_box(pred) is not None
-    if kind == "caption":
-        return pred.endswith(".") and len(pred.split()) > 4
-    answers = [answer] if isinstance(answer, str) else list(answer)
-    return len(pred.split()) <= 2 or any(exact_match(pred, a) for a in answers)
-
-
-def score_task(kind: str, preds: list[str], answers: list) -> tuple[float, float]:
-    """(score, format rate) of one task's predictions, both in percent. `answers[i]` is a string,
-    or a list (VQA answers, caption references)."""
-    if len(preds) != len(answers):
-        raise ValueError(f"{len(preds)} predictions for {len(answers)} answers")
-    if not preds:
-        raise ValueError("no predictions to score")
-    if kind == "caption":
-        scores = cider([caption_tokens(p) for p in preds], [[caption_tokens(r) for r in rs] for rs in answers])
-        score = 100 * sum(scores) / len(scores)  # CIDEr x 100
-    else:
-        scorer = SCORERS[kind]
-        score = 100 * sum(scorer(p, a) for p, a in zip(preds, answers)) / len(preds)
-    fmt = 100 * sum(format_ok(kind, p, a) for p, a in zip(preds, answers)) / len(preds)
-    return score, fmt
 
 
 # --------------------------------------------------------------------------- continual metrics

@@ -30,11 +30,13 @@ UNANSWERABLE = "When the provided information is insufficient, respond with 'Una
 GROUNDING = "Please provide the bounding box coordinate of the region this sentence describes: "
 CAPTION = "Share a concise interpretation of the image provided."
 
-# (task, scorer): the scorer is a metrics.SCORERS key, or "caption" (CIDEr).
-MINICOIN = [("sciqa", "letter"), ("textvqa", "vqa"), ("imagenet", "substring"), ("gqa", "exact"),
-            ("vizwiz", "exact"), ("grounding", "box"), ("vqav2", "exact"), ("ocrvqa", "exact")]
-MINICVIT = [("sciqa", "letter"), ("textvqa", "vqa"), ("caption", "caption"), ("imagenet", "substring"),
-            ("gqa", "exact"), ("vqav2", "exact")]
+# (task, robust scorer, official rule): the scorer is a metrics.SCORERS key or "caption" (CIDEr);
+# the official rule is the CoIN/CVIT task whose evaluation script scores the analog (official.py).
+MINICOIN = [("sciqa", "letter", "ScienceQA"), ("textvqa", "vqa", "TextVQA"), ("imagenet", "substring", "ImageNet"),
+            ("gqa", "exact", "GQA"), ("vizwiz", "exact", "VizWiz"), ("grounding", "box", "Grounding"),
+            ("vqav2", "exact", "VQAv2"), ("ocrvqa", "exact", "OCRVQA")]
+MINICVIT = [("sciqa", "letter", "ScienceQA"), ("textvqa", "vqa", "TextVQA"), ("caption", "caption", "Flickr30k"),
+            ("imagenet", "substring", "ImageNet"), ("gqa", "exact", "GQA"), ("vqav2", "exact", "VQAv2")]
 
 
 # --------------------------------------------------------------------------- presets
@@ -375,7 +377,7 @@ def make_splits(name: str, n_train: int, n_test: int, image_size: int, seed: int
             if key in seen:
                 continue
             seen.add(key)
-            splits[split].append(Sample(name, d.question, d.answer, d.answers, d.image,
+            splits[split].append(Sample(name, d.question, d.answer, d.answers, d.image, size=list(d.image.size),
                                         id=f"{name}-{'train' if split == 0 else 'test'}-{len(splits[split])}"))
     return splits
 
@@ -385,9 +387,12 @@ def minicoin(order: str = "minicoin", preset_name: str = "default", seed: int = 
     """The MiniCoIN (8 tasks) or MiniCVIT (6 tasks) sequence at a preset's sizes."""
     p = preset(preset_name)
     tasks = {"minicoin": MINICOIN, "minicvit": MINICVIT}[order]
-    return [Task(name, scorer, *make_splits(name, p.n_train if n_train is None else n_train,
-                                               p.n_test if n_test is None else n_test, p.image_size, seed))
-            for name, scorer in tasks]
+    out = []
+    for name, scorer, rule in tasks:
+        train, test = make_splits(name, p.n_train if n_train is None else n_train,
+                                  p.n_test if n_test is None else n_test, p.image_size, seed)
+        out.append(Task(name, scorer, rule, train, test, test_file=f"{order}:{preset_name}:seed{seed}"))
+    return out
 
 
 DESCRIBE = ["Describe the image briefly.", "What is in this picture?", "Give a short description of the image.",

@@ -102,39 +102,56 @@ class TextTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def build_prompt(question: str, answer: str | None = None) -> str:
-    """The vicuna_v1 conversation with one image. Without an answer it ends at
-    'ASSISTANT:', the point where generation starts."""
-    prompt = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+def build_prompt(question: str, answer: str | None = None, with_image: bool = True) -> str:
+    """The vicuna_v1 conversation of one turn, with an image or without. Without an answer it
+    ends at 'ASSISTANT:', the point where generation starts."""
+    prompt = f"{SYSTEM} USER: {'<image>' + chr(10) if with_image else ''}{question} ASSISTANT:"
     return prompt if answer is None else f"{prompt} {answer}</s>"
 
 
 class Encoded(NamedTuple):
     ids: list[int]
-    labels: list[int]  # IGNORE_INDEX except at the answer and its eos
-    instruction: slice  # the question's tokens through "ASSISTANT:": what the task selector reads
+    labels: list[int]  # IGNORE_INDEX except at the answers and their eos
+    instruction: slice  # the first question's tokens through "ASSISTANT:": what the task selector reads
+
+
+def _with_answer(tok: TextTokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+    """The answer's ids and eos as the tokenizer gives them after `prompt` (leading space included):
+    tokenise prompt + answer and keep the suffix."""
+    full = tok.encode(f"{prompt} {answer}")
+    if full[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the tokenizer merges answer {answer!r} into its prompt; cannot place labels")
+    return full[len(prompt_ids):] + [tok.eos_id]
 
 
 def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num_image_tokens: int,
-                   image_token_index: int) -> Encoded:
-    """Token ids, labels and the instruction span of one example. `<image>` becomes num_image_tokens copies of
-    image_token_index; only the answer and its closing eos carry loss (labels elsewhere
-    IGNORE_INDEX). The text on each side of the image is tokenised on its own, as LLaVA's
-    tokenizer_image_token does, so -200 never passes through the tokenizer."""
-    head, tail = build_prompt(question).split("<image>")  # tail = "\n{question} ASSISTANT:"
-    tail_ids = tok.encode(tail)
-    ids = [tok.bos_id] + tok.encode(head) + [image_token_index] * num_image_tokens + tail_ids
-    instruction = slice(len(ids) - len(tail_ids), len(ids))  # after the image, before the answer
+                   image_token_index: int, with_image: bool = True, later_turns=()) -> Encoded:
+    """Token ids, labels and the instruction span of one example. `<image>` becomes
+    num_image_tokens copies of image_token_index; the text on each side of it is tokenised on its
+    own, as LLaVA's tokenizer_image_token does, so -200 never passes through the tokenizer. A
+    text-only example has no image tokens and is tokenised in one piece, as LLaVA does.
+    `later_turns` are the (question, answer) pairs after the first, appended as vicuna_v1 does
+    ("USER: q ASSISTANT: a</s>"). Only the answers and their eos carry loss."""
+    if with_image:
+        head, prompt = build_prompt(question).split("<image>")  # prompt = "\n{question} ASSISTANT:"
+        ids, start = [tok.bos_id] + tok.encode(head) + [image_token_index] * num_image_tokens, 0
+    else:
+        prompt = build_prompt(question, with_image=False)
+        ids, start = [tok.bos_id], len(f"{SYSTEM} USER: ")  # the instruction starts at the question
+    enc = tok.tok.encode(prompt, add_special_tokens=False)
+    first = next((i for i, (_, end) in enumerate(enc.offsets) if end > start), len(enc.ids))
+    instruction = slice(len(ids) + first, len(ids) + len(enc.ids))  # after the image, up to the answer
+    ids = ids + enc.ids
     labels = [IGNORE_INDEX] * len(ids)
-    if answer is not None:
-        # Tokenise the answer after its prompt and keep the suffix, so its first token is the
-        # one the tokenizer gives it after "ASSISTANT:" (leading space included).
-        full = tok.encode(f"{tail} {answer}")
-        if full[:len(tail_ids)] != tail_ids:
-            raise ValueError(f"the tokenizer merges answer {answer!r} into its prompt; cannot place labels")
-        answer_ids = full[len(tail_ids):] + [tok.eos_id]
-        ids += answer_ids
-        labels += answer_ids
+    turns = ([] if answer is None else [(prompt, enc.ids, answer)])
+    for q, a in later_turns:
+        text = f"USER: {q} ASSISTANT:"
+        turns.append((text, tok.encode(text), a))
+    for k, (text, text_ids, a) in enumerate(turns):
+        if k:  # a later turn's question carries no loss
+            ids, labels = ids + text_ids, labels + [IGNORE_INDEX] * len(text_ids)
+        answer_ids = _with_answer(tok, text, text_ids, a)
+        ids, labels = ids + answer_ids, labels + answer_ids
     return Encoded(ids, labels, instruction)
 
 

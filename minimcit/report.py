@@ -24,17 +24,29 @@ def row_labels(results: dict) -> list[str]:
     return [labels[0]] + [f"{k} {label}" for k, label in enumerate(labels[1:], 1)]
 
 
-def text_table(results: dict) -> str:
+def _matrix_table(results: dict, key: str, title: str) -> list[str]:
     tasks = results["tasks"]
     width = max(9, *(len(t) for t in tasks)) + 1
-    lines = [f"{results['method']} — score (%) on each task (columns) after each stage (rows)",
-             "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
-    for row, label in zip(results["acc_matrix"], row_labels(results)):
-        lines.append(label[:11].ljust(12) + "".join(f"{v:{width}.1f}" for v in row))
-    s = results.get("summary")
+    lines = [title, "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
+    for row, label in zip(results[key], row_labels(results)):
+        lines.append(label[:11].ljust(12) + "".join("n/a".rjust(width) if v is None else f"{v:{width}.1f}"
+                                                    for v in row))
+    s = results.get(key.replace("acc_matrix", "summary"))
     if s:
         keys = [k for k in ("AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF") if k in s]
         lines.append("  ".join(f"{k} {s[k]:.2f}" for k in keys))
+    return lines
+
+
+def text_table(results: dict) -> str:
+    """The primary protocol's matrix and summary; the other protocol's below it where it differs."""
+    primary = results.get("protocol", "robust")
+    lines = _matrix_table(results, "acc_matrix", f"{results['method']} — {primary} score (%) on each task "
+                                                 "(columns) after each stage (rows)")
+    for key in (k for k in results if k.startswith("acc_matrix_")):
+        if results[key] != results["acc_matrix"]:
+            other = key[len("acc_matrix_"):]
+            lines += [""] + _matrix_table(results, key, f"{other} protocol (n/a: that protocol cannot score it)")
     if results.get("selector_accuracy") is not None:
         lines.append(f"selector accuracy {results['selector_accuracy']:.1f}%")
     return "\n".join(lines)
@@ -55,6 +67,9 @@ def heatmap(results: dict, path: Path) -> None:
     for k, row in enumerate(a):
         d.text((10, top + k * cell + cell // 2 - 7), "base" if k == 0 else f"after {k}", fill="black", font=_font(12))
         for j, v in enumerate(row):
+            if v is None:
+                d.text((left + j * cell + 10, top + k * cell + cell // 2 - 7), "n/a", fill="black", font=_font(13))
+                continue
             x, y, f = left + j * cell, top + k * cell, max(0.0, min(1.0, v / 100))
             colour = (int(255 - 200 * f), int(255 - 90 * f), int(255 - 40 * f))  # white -> blue
             d.rectangle((x, y, x + cell - 2, y + cell - 2), fill=colour)
@@ -77,8 +92,9 @@ def curves(results: dict, path: Path) -> None:
         d.text((x(k) - 10, H - B + 8), "base" if k == 0 else str(k), fill="black", font=_font(11))
     for j, t in enumerate(tasks):
         c = PALETTE[j % len(PALETTE)]
-        pts = [(x(k), y(a[k][j])) for k in range(len(a))]
-        d.line(pts, fill=c, width=2)
+        pts = [(x(k), y(a[k][j])) for k in range(len(a)) if a[k][j] is not None]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
         for px, py in pts:
             d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=c)
         d.line((W - R + 15, T + 18 * j + 7, W - R + 35, T + 18 * j + 7), fill=c, width=3)

@@ -52,9 +52,12 @@ def sample_embeddings(model, input_ids, pixel_values, instruction_mask):
     every task and would only dilute the signal)."""
     c = model.config
     with torch.no_grad():
-        hidden = model.vision_tower(pixel_values.to(model.lm_head.weight.dtype), c.vision_feature_layer)
-        e_img = hidden[:, 1:].float().mean(1)  # (B, Cv): mean over patches, CLS excluded
         is_image = input_ids == c.image_token_index  # (B, T)
+        # A text-only sample has e_img = 0: cos 0 with every image key, so its text alone decides.
+        e_img = torch.zeros(len(input_ids), c.vision.hidden_size, device=input_ids.device)  # (B, Cv)
+        if pixel_values is not None:
+            hidden = model.vision_tower(pixel_values.to(model.lm_head.weight.dtype), c.vision_feature_layer)
+            e_img[is_image.any(1)] = hidden[:, 1:].float().mean(1)  # mean over patches, CLS excluded
         emb = model.language_model.embed_tokens(input_ids.masked_fill(is_image, 0)).float()  # (B, T, Ct)
         keep = instruction_mask.to(emb.dtype)[..., None]  # (B, T, 1)
         e_txt = (emb * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, Ct)

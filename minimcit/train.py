@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write
-from .data import Collator, Sample, Task
+from .data import Collator, Sample, Task, select_rows
 from .method import Method
-from .metrics import continual_summary, score_task
+from .metrics import continual_summary
+from .official import percent, score_items
 from .model import IGNORE_INDEX, Llava
 
 
@@ -40,6 +41,7 @@ class TrainConfig:
     max_new_tokens: int = 32
     gradient_checkpointing: bool = False
     train_projector: bool = False
+    projector_lr: float | None = None  # the projector's own rate when trained (CoIN: 2e-5); None: lr
     seed: int = 0
 
 
@@ -68,7 +70,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
 def autocast(device):
@@ -78,15 +80,20 @@ def autocast(device):
 
 def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
-                quiet: bool = False) -> float:
-    """Train `params` on `samples` for cfg.epochs; returns the last step's loss. Gradient
-    accumulation weights every answer token equally across the micro-batches of a step."""
+                quiet: bool = False, projector=()) -> float:
+    """Train `params` (and `projector`, at cfg.projector_lr) on `samples` for cfg.epochs; returns
+    the last step's loss. Gradient accumulation weights every answer token equally across the
+    micro-batches of a step."""
     torch.manual_seed(cfg.seed * 1000 + stage)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + stage)
     per_step = cfg.batch_size * cfg.grad_accum
     total = max(1, math.ceil(len(samples) * cfg.epochs / per_step))
     order = torch.cat([torch.randperm(len(samples), generator=g) for _ in range(math.ceil(cfg.epochs) + 1)])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    groups = [{"params": list(params)}]
+    if projector:
+        groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -143,7 +150,7 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
         for t, rows in groups.items():
             if t is not None:
                 method.use_task(t)
-            sub = {k: v[rows] for k, v in batch.items()}
+            sub = select_rows(batch, rows, collator.img_id)
             ctx = method.batch_context(sub["attention_mask"]) if method else nullcontext()
             with ctx, autocast(device):
                 new_ids = model.generate(sub["input_ids"], sub["pixel_values"], sub["attention_mask"],
@@ -155,31 +162,61 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
     return preds, (hits if identity == "selector" and task_specific and true_task < trained else None)
 
 
+PROTOCOLS = ("official", "robust")
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of every task: a row of each protocol's matrix and of the format matrix
+    (percent; None where a protocol cannot score a task), selector hits, and per-item records."""
+    rows: dict  # protocol -> [score per task]
+    format: list
+    hits: list
+    items: dict  # task name -> [{"id", "question", "prediction", "gold", "robust", "official", "format"}]
+
+
+def score_task(task_scorer: str, rule: str | None, ids: list, questions: list, preds: list, golds: list,
+               sizes: list):
+    """Both protocols' task scores, the format rate and the per-item records of one task."""
+    per = score_items(task_scorer, rule, preds, golds, sizes)
+    items = [{"id": i, "question": q, "prediction": p, "gold": g, "size": s, "robust": r,
+              "official": None if per["official"] is None else per["official"][k], "format": f}
+             for k, (i, q, p, g, s, r, f) in enumerate(zip(ids, questions, preds, golds, sizes, per["robust"],
+                                                           per["format"]))]
+    return {"robust": percent(per["robust"]), "official": percent(per["official"])}, percent(per["format"]), items
+
+
 def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0, identity="oracle",
-             device="cpu", quiet=False):
-    """Scores and format rates (percent) of every task, and selector hits on the seen ones."""
-    row, fmt, hits = [], [], []
+             device="cpu", quiet=False) -> Evaluation:
+    """Every task's test items answered and scored under both protocols, with selector hits on
+    the seen tasks."""
+    ev = Evaluation({p: [] for p in PROTOCOLS}, [], [], {})
     for j, task in enumerate(tasks):
         preds, h = predict(model, task.test, collator, cfg, method=method, trained=trained, identity=identity,
                            true_task=j, device=device)
-        score, f = score_task(task.scorer, preds, [s.target for s in task.test])
-        row.append(round(score, 2))
-        fmt.append(round(f, 2))
-        hits += h or []
+        scores, fmt, ev.items[task.name] = score_task(task.scorer, task.official, [s.id for s in task.test],
+                                                      [s.question for s in task.test], preds,
+                                                      [s.target for s in task.test], [s.size for s in task.test])
+        for p in PROTOCOLS:
+            ev.rows[p].append(scores[p])
+        ev.format.append(fmt)
+        ev.hits += h or []
         if not quiet:
-            print(f"  eval {task.name:10s} {score:6.1f}  (format {f:5.1f}%)  e.g. {preds[0]!r}", file=sys.stderr)
-    return row, fmt, hits
+            shown = "  ".join(f"{p} {'n/a' if scores[p] is None else f'{scores[p]:5.1f}'}" for p in PROTOCOLS)
+            print(f"  eval {task.name:10s} {shown}  (format {fmt:5.1f}%)  e.g. {preds[0]!r}", file=sys.stderr)
+    return ev
 
 
 # --------------------------------------------------------------------------- the continual run
 
 
 def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Collator, cfg: TrainConfig, out: Path,
-                  *, identity: str = "oracle", resume: bool = False, device="cpu", run_info: dict | None = None,
-                  quiet: bool = False) -> dict:
+                  *, identity: str = "oracle", primary: str = "robust", resume: bool = False, device="cpu",
+                  run_info: dict | None = None, quiet: bool = False) -> dict:
     """Train the task sequence with `method` (already injected) stage by stage, as
-    `method.stages` lays it out, evaluating every task after each stage; writes
-    out/results.json and out/checkpoints/ atomically after every stage."""
+    `method.stages` lays it out, evaluating every task after each stage under both protocols;
+    `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
+    out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
@@ -188,9 +225,13 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
     projector = trained_projector(model, method, cfg)
     fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": asdict(cfg),
                    **(run_info or {})}
-    results = {"method": fingerprint["method"], "tasks": names, "stages": plan, "acc_matrix": [],
-               "format_matrix": [], "summary": None, "params": None, "selector_accuracy": None,
-               "task_identity": identity, "stage_seconds": [], "config": fingerprint, "complete": False}
+    other = next(p for p in PROTOCOLS if p != primary)
+    results = {"method": fingerprint["method"], "tasks": names, "stages": plan, "protocol": primary,
+               "acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": [], "summary": None,
+               f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
+               "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
+                           for t in tasks},
+               "stage_seconds": [], "config": fingerprint, "complete": False}
     done = -1  # last finished stage; -1: not even the base evaluated
     if resume and (out / "results.json").is_file():
         results, done = _resume(out, ckpt_dir, fingerprint, plan, method, model, cfg)
@@ -205,8 +246,9 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
         if method.num_tasks == 0:
             start_task(method, 0, cfg)
         results["params"] = params_of(method)  # as the first task starts training
-        row, fmt, _ = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet)
-        results["acc_matrix"], results["format_matrix"] = [row], [fmt]
+        ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet)
+        _write_predictions(out, 0, ev.items)
+        add_rows(results, ev.rows, ev.format, 1)
         _save(out, results)
         done = 0
     for stage in range(done + 1, len(plan) + 1):
@@ -216,22 +258,79 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
             start_task(method, k, cfg)
         samples = [s for j in plan[k] for s in tasks[j].train]
         what = names[plan[k][0]] if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
-        train_stage(model, method.trainable_parameters() + projector, samples, collator, cfg, stage=stage,
+        train_stage(model, method.trainable_parameters(), samples, collator, cfg, stage=stage, projector=projector,
                     label=f"stage {stage}/{len(plan)} {what}", method=method, task=k, device=device, quiet=quiet)
         method.end_task(k)
-        row, fmt, hits = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks,
-                                  identity=identity, device=device, quiet=quiet)
-        results["acc_matrix"] += [row] * len(plan[k])  # one row per task the stage trained
-        results["format_matrix"] += [fmt] * len(plan[k])
-        if hits:
-            results["selector_accuracy"] = round(100 * sum(hits) / len(hits), 2)
+        ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
+                      device=device, quiet=quiet)
+        _write_predictions(out, stage, ev.items)
+        add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
+        if ev.hits:
+            results["selector_accuracy"] = round(100 * sum(ev.hits) / len(ev.hits), 2)
         results["stage_seconds"].append(round(time.time() - t0, 1))
         results["params"]["total_added"] = params_of(method)["total_added"]
-        if stage == len(plan):
-            results["summary"] = continual_summary(results["acc_matrix"], results["format_matrix"])
-            results["complete"] = True
+        results["complete"] = stage == len(plan)
+        summarise(results)
         _checkpoint(ckpt_dir, stage, method, projector)
         _save(out, results)
+    return results
+
+
+def add_rows(results: dict, rows: dict, fmt: list, copies: int) -> None:
+    """Append one evaluation's row to each protocol's matrix and the format matrix, `copies` times
+    (a stage that trained several tasks at once stands for each of them)."""
+    for p, row in rows.items():
+        key = "acc_matrix" if p == results["protocol"] else f"acc_matrix_{p}"
+        results[key] += [row] * copies
+    results["format_matrix"] += [fmt] * copies
+
+
+def summarise(results: dict) -> None:
+    """The continual metrics of each protocol once the run is complete; None for a protocol with
+    a cell it could not score (e.g. official TextVQA without its ten answers)."""
+    for p in PROTOCOLS:
+        suffix = "" if p == results["protocol"] else f"_{p}"
+        matrix = results[f"acc_matrix{suffix}"]
+        ok = results["complete"] and all(v is not None for row in matrix for v in row)
+        results[f"summary{suffix}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
+
+
+def _write_predictions(out: Path, stage: int, items: dict) -> None:
+    """predictions/stage_<k>/<task>.jsonl: every test item's prediction, gold and per-item scores."""
+    folder = out / "predictions" / f"stage_{stage}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, records in items.items():
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
+
+
+def rescore(out: Path) -> dict:
+    """Rebuild both protocols' matrices, the format matrix and the summaries of a run from its saved
+    predictions, with no model (after a scorer changes, or to check a number)."""
+    results = json.loads((out / "results.json").read_text())
+    scoring, tasks = results["scoring"], results["tasks"]
+    other = next(p for p in PROTOCOLS if p != results["protocol"])
+    results.update({"acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": []})
+    for stage, copies in enumerate([1] + [len(s) for s in results["stages"]]):
+        folder = out / "predictions" / f"stage_{stage}"
+        if not folder.is_dir():
+            break
+        rows, fmt = {p: [] for p in PROTOCOLS}, []
+        for task in tasks:
+            path = folder / f"{task}.jsonl"
+            try:
+                records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: cannot read the saved predictions ({e})") from None
+            scores, f, _ = score_task(scoring[task]["scorer"], scoring[task]["official"], [r["id"] for r in records],
+                                      [r["question"] for r in records], [r["prediction"] for r in records],
+                                      [r["gold"] for r in records], [r.get("size") for r in records])
+            for p in PROTOCOLS:
+                rows[p].append(scores[p])
+            fmt.append(f)
+        add_rows(results, rows, fmt, copies)
+    summarise(results)
+    _save(out, results)
     return results
 
 

@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from minimcit.metrics import SCORERS, box_iou, format_ok, score_task
+from minimcit.metrics import SCORERS, box_iou
+from minimcit.official import mif_format, percent, score_items
 from minimcit.minicoin import GENERATORS, GRID, PRESETS, Drawn, _cells, caption_corpus, minicoin
 
 
@@ -31,7 +32,7 @@ def test_no_test_item_appears_in_train():
 def test_answers_fit_their_scorer_and_format():
     for task in minicoin("minicoin", "smoke", 3) + minicoin("minicvit", "smoke", 3):
         for s in task.train + task.test:
-            assert format_ok(task.scorer, s.answer, s.target), (task.name, s.answer)
+            assert mif_format(task.scorer, s.answer, s.answer, refs=s.answers), (task.name, s.answer)
             if task.scorer != "caption":
                 assert SCORERS[task.scorer](s.answer, s.target) == 1.0, (task.name, s.answer)
         if task.scorer == "caption":
@@ -49,7 +50,7 @@ def test_every_task_needs_the_image():
         overall = Counter(s.answer for s in task.train).most_common(1)[0][0]
         guesses = [by_question[s.question].most_common(1)[0][0] if s.question in by_question else overall
                    for s in task.test]
-        score, _ = score_task(task.scorer, guesses, [s.target for s in task.test])
+        score = percent(score_items(task.scorer, task.official, guesses, [s.target for s in task.test])["robust"])
         assert score <= 45, f"{task.name}: text-only baseline scores {score:.1f}"
 
 

@@ -38,6 +38,10 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
     assert len(r["acc_matrix"]) == T + 1 and all(len(row) == T for row in r["acc_matrix"])
     assert len(r["format_matrix"]) == T + 1 and r["complete"]
     assert set(r["summary"]) >= {"AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF"}
+    assert r["protocol"] == "robust" and len(r["acc_matrix_official"]) == T + 1  # both protocols, always
+    assert set(r["summary_official"]) >= {"AP", "BWT"}
+    for k in range(len(r["stages"]) + 1):  # every stage's predictions (joint: one stage), one file per task
+        assert (out / "predictions" / f"stage_{k}" / "caption.jsonl").is_file()
     assert r["params"]["trainable"] > 0 and r["params"]["total_added"] >= r["params"]["trainable"]
     assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row)
     for name in ("results.txt", "acc_matrix.png", "task_curves.png"):
@@ -89,7 +93,9 @@ def word_tokenizer(folder, vocab_size):
 
 @pytest.mark.parametrize("layout", ["v5", "hub", "original"])
 def test_coin_end_to_end_on_the_fixture(layout, tmp_path):
-    data, images = write_fixture(tmp_path / "coin", n=2)
+    """The fixture has CoIN's val/test files, TextVQA's ten answers, text-only ScienceQA items and a
+    multi-turn conversation; the run scores both protocols, official first, and saves predictions."""
+    data, images = write_fixture(tmp_path / "coin", n=3)
     ref = hf_llava("mha")
     if layout == "original":
         llm, clip, proj = write_original(ref, tmp_path / "orig", projector="bin")
@@ -105,7 +111,81 @@ def test_coin_end_to_end_on_the_fixture(layout, tmp_path):
                      "--quiet"]) == 0
     r = load(out)
     assert r["tasks"] == ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
-    assert len(r["acc_matrix"]) == 9 and r["complete"]
+    assert len(r["acc_matrix"]) == 9 and r["complete"] and r["protocol"] == "official"
+    assert len(r["acc_matrix_robust"]) == 9 and r["summary"] is not None and r["summary_robust"] is not None
+    assert r["scoring"]["TextVQA"]["test_file"].endswith("TextVQA/val.json")
+    assert r["scoring"]["GQA"]["test_file"].endswith("GQA/test.json")
+    assert r["config"]["config"]["lr"] == 2e-5 and r["config"]["hparams"]["dropout"] == 0.05  # LiLoRA's recipe
+    records = [json.loads(x) for x in (out / "predictions" / "stage_8" / "TextVQA.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and records[0]["gold"] == ["thing 0"] * 7 + ["stuff"] * 3
+    assert {"id", "question", "prediction", "official", "robust", "format"} <= set(records[0])
+
+
+def coin_run(tmp_path, *extra):
+    data, images = write_fixture(tmp_path / "coin", n=2)
+    folder = write_hf(hf_llava("mha"), tmp_path / "ckpt")
+    word_tokenizer(folder, 120)
+    return data, images, ["--method", "seqlora", "--tasks", "coin", "--data-root", str(data), "--image-root",
+                          str(images), "--model", str(folder), "--r", "4", "--lora-alpha", "8", "--quiet",
+                          "--max-new-tokens", "2", *extra]
+
+
+def test_rescore_rebuilds_both_matrices_from_the_saved_predictions(tmp_path, cache, capsys):
+    out = tmp_path / "smoke"
+    assert run.main(["--method", "joint", *SMOKE, "--out", str(out), "--cache", str(cache)]) == 0
+    want = load(out)
+    spoiled = dict(want, acc_matrix=[[0.0]], acc_matrix_official=[], format_matrix=[], summary=None)
+    (out / "results.json").write_text(json.dumps(spoiled))
+    assert run.main(["--rescore", str(out)]) == 0
+    assert load(out) == want and "rescored" in capsys.readouterr().out
+    # A scorer's verdict changed by hand in a saved file moves the matrix: the numbers come from the files.
+    path = out / "predictions" / "stage_1" / "sciqa.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in records:
+        r["prediction"] = r["gold"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run.main(["--rescore", str(out)]) == 0
+    assert all(row[0] == 100.0 for row in load(out)["acc_matrix"][1:])  # joint: stage 1 stands for every row
+
+
+def test_without_textvqa_answers_the_official_score_is_unavailable(tmp_path):
+    data, images, args = coin_run(tmp_path)
+    (images / "TextVQA" / "TextVQA_0.5.1_val.json").unlink()
+    out = tmp_path / "out"
+    assert run.main([*args, "--out", str(out)]) == 0
+    r = load(out)
+    assert all(row[1] is None for row in r["acc_matrix"])  # official TextVQA: n/a, not another rule
+    assert all(row[1] is not None for row in r["acc_matrix_robust"])
+    assert r["summary"] is None and r["summary_robust"] is not None
+    assert "n/a" in (out / "results.txt").read_text()
+
+
+def test_check_data_finds_every_planted_fault(tmp_path, capsys):
+    data, images = write_fixture(tmp_path / "coin", n=3)
+    args = ["--tasks", "coin", "--check-data", "--data-root", str(data), "--image-root", str(images)]
+    assert run.main(args) == 0
+    assert "no faults found" in capsys.readouterr().out
+    root = data / "Instructions_Original"
+
+    def edit(file, fn):
+        items = json.loads((root / file).read_text())
+        fn(items)
+        (root / file).write_text(json.dumps(items))
+
+    edit("ScienceQA/train.json", lambda items: items[0]["conversations"].reverse())  # roles swapped
+    edit("GQA/test.json", lambda items: items[1].update(answer=""))  # empty answer
+    edit("Grounding/test.json", lambda items: items[2].update(answer_bbox="n/a"))  # malformed box
+    edit("VizWiz/val.json", lambda items: items[1].update(question_id=0))  # duplicate id
+    (images / "ImageNet" / "1.jpg").unlink()  # missing image
+    (images / "OCRVQA" / "0.jpg").write_bytes(b"not a jpeg")  # unreadable image
+    (root / "VQAv2" / "train.json").write_text("[{oops")  # broken JSON
+    assert run.main(args) == 1
+    out = capsys.readouterr().out
+    for needle in ["ScienceQA/train.json: item 0 field 'conversations' must alternate", "GQA/test.json: item 1 field "
+                   "'answer' is empty", "Grounding/test.json: item 2 field 'answer_bbox'", "VizWiz/val.json: test id "
+                   "'0' appears 2 times", "ImageNet/1.jpg is missing", "OCRVQA/0.jpg is unreadable",
+                   "VQAv2/train.json: not valid JSON", "9 fault(s) found"]:  # both images serve train and test
+        assert needle in out, needle
 
 
 # --------------------------------------------------------------------------- bad input
@@ -133,7 +213,7 @@ TRAIN_FLAGS = [f.name for f in fields(TrainConfig) if f.name != "seed" and f.typ
 def test_a_numeric_training_flag_reaches_train_config_zero_included(name):
     """0 means 0 (it once fell back to the recipe, since 0.0 == False); no flag means the recipe."""
     flag = "--" + name.replace("_", "-")
-    for tasks, recipe in (("minicoin", PRESETS["default"].recipe), ("coin", run.PAPER_RECIPE)):
+    for tasks, recipe in (("minicoin", PRESETS["default"].recipe), ("coin", run.paper_recipe("seqlora"))):
         for value in ("0", "3"):
             cfg = run.train_config(run.parse_args(["--method", "seqlora", "--tasks", tasks, flag, value]))
             assert getattr(cfg, name) == float(value), (tasks, value)
@@ -170,17 +250,17 @@ def test_missing_data_root_and_model(tmp_path, capsys):
     assert "data root not found" in err and "nowhere" in err
 
 
-def coin_args(tmp_path):
-    data, images = write_fixture(tmp_path / "coin", n=2)
-    folder = write_hf(hf_llava("mha"), tmp_path / "ckpt")
-    word_tokenizer(folder, 120)
-    return data, images, ["--method", "seqlora", "--tasks", "coin", "--data-root", str(data), "--image-root",
-                          str(images), "--model", str(folder), "--r", "4", "--lora-alpha", "8", "--quiet",
-                          "--max-new-tokens", "2"]
+def test_missing_images_stop_the_run_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    data, images, args = coin_run(tmp_path)
+    (images / "OCRVQA" / "1.jpg").unlink()
+    monkeypatch.setattr(run.Llava, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "1 image(s) the run would read are missing" in err and "OCRVQA/1.jpg" in err
 
 
 def test_corrupt_image_and_empty_task_are_named(tmp_path, capsys):
-    data, images, args = coin_args(tmp_path)
+    data, images, args = coin_run(tmp_path)
     (images / "TextVQA" / "1.jpg").write_bytes(b"garbage")
     assert run.main([*args, "--out", str(tmp_path / "o1")]) == 1
     assert "TextVQA/1.jpg" in capsys.readouterr().err
@@ -190,7 +270,7 @@ def test_corrupt_image_and_empty_task_are_named(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_earlier_results(tmp_path, capsys):
-    data, images, args = coin_args(tmp_path)
+    data, images, args = coin_run(tmp_path)
     out = tmp_path / "out"
     assert run.main([*args, "--out", str(out), "--lr", "1e30"]) == 1
     err = capsys.readouterr().err
