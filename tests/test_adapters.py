@@ -483,3 +483,41 @@ def test_stages_are_data_joint_is_one_stage_of_every_task():
             else make_method(name, tiny_llava(), r=8, lora_alpha=16, verbose=False)
         want = [[0, 1, 2]] if name == "joint" else [[0], [1], [2]]
         assert m.stages(3) == want, name
+
+
+def test_adapter_dropout_acts_on_the_adapter_input_while_training_only():
+    """LoRA: y = W0 x + s B A drop(x), as peft's lora_dropout; MoELoRA draws one mask per expert, as
+    CoIN's MoELoRA keeps a dropout per expert; eval mode and p = 0 leave the input alone."""
+    m = make_method("seqlora", tiny_llava(), r=4, lora_alpha=8, dropout=0.5, verbose=False)
+    m.start_task(0)
+    layer = m.layers[0]
+    randomise([layer.lora_A[0], layer.lora_B[0]])
+    x = torch.randn(2, 3, layer.in_features)
+    layer.train()
+    torch.manual_seed(7)
+    got = layer(x)
+    torch.manual_seed(7)
+    kept = F.dropout(x, 0.5)  # the same mask, drawn by hand
+    want = F.linear(x, layer.weight, layer.bias) + layer.scaling * kept @ layer.lora_A[0].T @ layer.lora_B[0].T
+    torch.testing.assert_close(got, want)
+    layer.eval()
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias)
+                               + layer.scaling * x @ layer.lora_A[0].T @ layer.lora_B[0].T)
+
+    moe = make_method("moelora", tiny_llava(), r=8, lora_alpha=16, num_experts=4, dropout=0.5, verbose=False)
+    layer = moe.layers[0]
+    randomise([layer.lora_A, layer.lora_B, layer.router])
+    layer.train()
+    torch.manual_seed(3)
+    got = layer(x)
+    torch.manual_seed(3)
+    masks = F.dropout(x.unsqueeze(-2).expand(2, 3, 4, -1), 0.5)  # (2, 3, N, in): one mask per expert
+    assert not torch.equal(masks[..., 0, :], masks[..., 1, :])
+    g = (x @ layer.router.T).softmax(-1)
+    want = F.linear(x, layer.weight, layer.bias)
+    for n in range(4):
+        A_n, B_n = layer.lora_A[2 * n:2 * n + 2], layer.lora_B[:, 2 * n:2 * n + 2]
+        want = want + layer.scaling * g[..., n:n + 1] * (masks[..., n, :] @ A_n.T @ B_n.T)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        make_method("seqlora", tiny_llava(), r=4, lora_alpha=8, dropout=1.0, verbose=False)
