@@ -105,7 +105,8 @@ class TextTokenizer:
 def build_prompt(question: str, answer: str | None = None, with_image: bool = True) -> str:
     """The vicuna_v1 conversation of one turn, with an image or without. Without an answer it
     ends at 'ASSISTANT:', the point where generation starts."""
-    prompt = f"{SYSTEM} USER: {'<image>' + chr(10) if with_image else ''}{question} ASSISTANT:"
+    image = "<image>\n" if with_image else ""
+    prompt = f"{SYSTEM} USER: {image}{question} ASSISTANT:"
     return prompt if answer is None else f"{prompt} {answer}</s>"
 
 

@@ -24,8 +24,8 @@ from .checkpoint import atomic_write
 from .data import Collator, Sample, Task, select_rows
 from .method import Method
 from .metrics import continual_summary
-from .official import percent, score_items
 from .model import IGNORE_INDEX, Llava
+from .official import percent, score_items
 
 
 @dataclass
@@ -92,7 +92,7 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     groups = [{"params": list(params)}]
     if projector:
         groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr})
-    params = [p for g in groups for p in g["params"]]
+    params = [p for group in groups for p in group["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
@@ -225,7 +225,7 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
     projector = trained_projector(model, method, cfg)
     fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": asdict(cfg),
                    **(run_info or {})}
-    other = next(p for p in PROTOCOLS if p != primary)
+    other = next(p for p in PROTOCOLS if p != primary)  # Decision (SPEC §3): both protocols' matrices are kept
     results = {"method": fingerprint["method"], "tasks": names, "stages": plan, "protocol": primary,
                "acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": [], "summary": None,
                f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
