@@ -12,6 +12,8 @@ results.txt, acc_matrix.png, task_curves.png and adapter-only checkpoints after 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 
 from minimcit.adapters import METHODS, make_method
 from minimcit.check import check_benchmark
-from minimcit.data import Collator, load_benchmark, missing_images
+from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, missing_images
 from minimcit.minicoin import PRESETS, minicoin, preset
 from minimcit.model import Llava
 from minimcit.pretrain import pretrain_base
@@ -135,6 +137,30 @@ def task_identity(args) -> str:
     return "selector" if args.method == "branchlora" and not args.tasks.startswith("mini") else "oracle"
 
 
+def validate(args) -> None:
+    """Refuse out-of-range flags before anything loads."""
+    positive = {"max_per_task": args.max_per_task, "epochs": args.epochs, "lr": args.lr,
+                "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
+                "max_new_tokens": args.max_new_tokens, "r": args.r, "num_branches": args.num_branches,
+                "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task}
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    if args.tasks and args.tasks.startswith("mini") and args.max_per_task is not None:
+        raise ValueError(f"--max-per-task applies to real data; --tasks {args.tasks} sizes itself by --preset")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build sees no CUDA device")
+
+
+def out_folder(args) -> Path:
+    mini = args.tasks.startswith("mini")
+    return args.out or Path("runs") / f"{args.method}-{args.tasks}-{args.preset if mini else 'paper'}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -145,11 +171,27 @@ def main(argv=None) -> int:
             return check_data(args)
         if missing:
             raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+        validate(args)
         return run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as e:
+    except KeyboardInterrupt:
+        out = out_folder(args)
+        print(f"\ninterrupted: {out / 'results.json'} holds every stage finished so far; continue with the same "
+              "command and --resume", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, FloatingPointError) as e:  # OSError: also a full disk mid-run
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1
+
+
+def probe_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
 
 
 def rescore_run(out: Path) -> int:
@@ -186,7 +228,8 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     mini = args.tasks.startswith("mini")
     cfg = train_config(args)
-    out = args.out or Path("runs") / f"{args.method}-{args.tasks}-{args.preset if mini else 'paper'}"
+    out = out_folder(args)
+    probe_writable(out)  # before minutes of loading
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -214,18 +257,47 @@ def run(args) -> int:
         tok_path = args.tokenizer or args.model
     tok = TextTokenizer(tok_path)
     c = model.config
+    if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
+        raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
+                         f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
     method = make_method(args.method, model, **hp)
     run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": identity,
                 "max_per_task": args.max_per_task}
-    if not mini:
-        run_info["instructions"] = args.instructions
+    if not mini:  # what defines a real-data experiment beyond the flags: the paths and what is in them
+        paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
+                 ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers")}
+        run_info.update({"instructions": args.instructions,
+                         "paths": {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()},
+                         "contents": content_fingerprint(tasks, args.model, tok_path, args.projector,
+                                                         args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS)})
     results = run_continual(model, method, tasks, collator, cfg, out, identity=identity, resume=args.resume,
                             primary="robust" if mini else "official", device=device, run_info=run_info,
                             quiet=args.quiet)
     print(write_report(results, out))
     print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png")
     return 0
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{path.stat().st_size}:{h.hexdigest()[:16]}"
+
+
+def content_fingerprint(tasks, model: Path, tokenizer: Path, projector: Path | None, textvqa: Path) -> dict:
+    """Sizes and hashes of the data files and of the checkpoint's small files (config, index,
+    tokenizer, projector), so a resume over a changed copy is refused; weight files by size."""
+    files = {Path(t.test_file) for t in tasks} | {Path(t.test_file).parent / "train.json" for t in tasks}
+    model, tokenizer = Path(model), Path(tokenizer)
+    files |= {p for p in (model / "config.json", model / "model.safetensors.index.json",
+                          tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer, projector,
+                          Path(textvqa)) if p}
+    out = {str(p): _digest(p) for p in sorted(files) if p.is_file()}
+    out.update({str(p): str(p.stat().st_size) for p in sorted(model.glob("*.safetensors"))})
+    return out
 
 
 def print_data_plan(args, tasks, cfg: TrainConfig, identity: str) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -94,11 +95,18 @@ def weight_files(folder: Path) -> list[Path]:
 
 def iter_tensors(path: Path):
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated: download or "
+                             "copy it again") from None
     else:  # mm_projector.bin, written by torch.save
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path}: not a readable torch file ({e}); it may be truncated") from None
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
         yield from state.items()
@@ -203,12 +211,20 @@ def save_llava(model: Llava, folder) -> None:
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`, so a crash never leaves half a file."""
+    """Call write(tmp_path) then rename over `path`, so a crash never leaves half a file. The
+    file gets the mode any new file gets (0666 less the umask): mkstemp makes it private."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,8 +218,51 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
     """Train the task sequence with `method` (already injected) stage by stage, as
     `method.stages` lays it out, evaluating every task after each stage under both protocols;
     `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
-    out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage."""
+    out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage.
+    One run writes to a folder at a time (out/run.lock)."""
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _run_stages(model, method, tasks, collator, cfg, out, identity=identity, primary=primary,
+                           resume=resume, device=device, run_info=run_info, quiet=quiet)
+
+
+@contextmanager
+def run_lock(out: Path):
+    """out/run.lock holds the pid of the run writing to `out`; a second run into the same folder is
+    refused while that process lives, and a lock left by a dead one is taken over."""
+    lock = out / "run.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise FileExistsError(f"{out} is in use by another run (pid {pid}, see {lock}): wait for it to "
+                                      "finish, or choose another --out") from None
+            lock.unlink(missing_ok=True)  # left by a run that died: take it over
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, quiet):
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     names = [t.name for t in tasks]
@@ -360,6 +405,18 @@ def params_of(method: Method) -> dict:
     return {"trainable": sum(p.numel() for p in method.trainable_parameters()), "total_added": added}
 
 
+def first_difference(old, new, where: str = ""):
+    """(setting, old value, new value) of the first place two run descriptions differ, else None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = first_difference(old.get(key), new.get(key), key if key.startswith("--") else
+                                     f"{where}.{key}".strip("."))
+            if found:
+                return found
+        return None
+    return None if old == new else (where or "the run description", old, new)
+
+
 def _save(out: Path, results: dict) -> None:
     text = json.dumps(results, indent=1)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
@@ -378,10 +435,18 @@ def _checkpoint(ckpt_dir: Path, stage: int, method: Method, projector: list) -> 
 
 def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, plan: list, method: Method, model: Llava,
             cfg: TrainConfig):
-    results = json.loads((out / "results.json").read_text())
-    if results.get("config") != fingerprint:
-        raise ValueError(f"{out / 'results.json'} was written by a different run (method, tasks, settings or "
-                         "model differ); use another --out, or drop --resume to start afresh")
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        results["acc_matrix"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path} is truncated or not a results file, so there is nothing to resume from; move "
+                         "it aside and start afresh (the checkpoints beside it are kept)") from None
+    diff = first_difference(results.get("config"), fingerprint)
+    if diff is not None:
+        setting, old, new = diff
+        raise ValueError(f"--resume: {path} was written by a different run: {setting} was {old!r}, now {new!r}; "
+                         "use another --out, or drop --resume to start afresh")
     rows, done = len(results["acc_matrix"]) - 1, 0  # rows after the base one; stages they cover
     while done < len(plan) and rows >= len(plan[done]):
         rows -= len(plan[done])
@@ -390,7 +455,11 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, plan: list, method: Me
         path = ckpt_dir / f"after_stage_{done}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; cannot resume after stage {done}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path}: cannot read this checkpoint ({e}); it may be truncated, so the run cannot "
+                             "resume from it: start afresh in another --out") from None
         while method.num_tasks < state["num_tasks"]:
             start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
         method.load_adapter_state_dict(state["adapters"], source=str(path))

@@ -2,6 +2,9 @@
 on a fixture with a tiny random checkpoint in each layout, and bad input through run.py."""
 
 import json
+import os
+import shutil
+import subprocess
 from dataclasses import fields
 
 import pytest
@@ -51,7 +54,7 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
 
 
 @pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", [])])
-def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, monkeypatch):
+def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, monkeypatch, capsys):
     args = ["--method", method, *SMOKE, "--cache", str(cache), *extra]
     assert run.main([*args, "--out", str(tmp_path / "whole")]) == 0
 
@@ -63,9 +66,10 @@ def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, 
         return real(*a, **kw)
 
     monkeypatch.setattr(train, "train_stage", dies_in_stage_3)
-    with pytest.raises(KeyboardInterrupt):
-        run.main([*args, "--out", str(tmp_path / "killed")])
+    assert run.main([*args, "--out", str(tmp_path / "killed")]) == 130  # Ctrl-C: a message, not a traceback
+    assert "continue with the same command and --resume" in capsys.readouterr().err
     assert len(load(tmp_path / "killed")["acc_matrix"]) == 3  # base + two finished tasks
+    assert not (tmp_path / "killed" / "run.lock").exists()  # released on the way out
     monkeypatch.setattr(train, "train_stage", real)
     assert run.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
 
@@ -283,3 +287,119 @@ def test_nan_loss_stops_with_a_message_and_keeps_earlier_results(tmp_path, capsy
     assert run.main([*args, "--out", str(out)]) == 1  # a fresh run refuses to overwrite it
     assert "pass --resume" in capsys.readouterr().err
     assert load(out) == r
+
+
+# --------------------------------------------------------------------------- nothing silent, nothing lost
+
+
+def digest(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_another_data_root_is_refused_naming_it(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    out = tmp_path / "out"
+    assert run.main([*args, "--out", str(out)]) == 0
+    before = digest(out)
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    args[args.index("--data-root") + 1] = str(other)
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "--data-root was" in err and str(data.resolve()) in err and str(other.resolve()) in err
+    _edit = json.loads((other / "Instructions_Original" / "GQA" / "test.json").read_text())
+    args[args.index("--data-root") + 1] = str(data)  # same path, changed content
+    (data / "Instructions_Original" / "GQA" / "test.json").write_text(json.dumps(_edit[:1]))
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    assert "GQA/test.json was" in capsys.readouterr().err
+    assert digest(out) == before  # nothing written was touched
+
+
+def test_one_run_per_folder(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen(["sleep", "30"])  # a live run holding the folder
+    try:
+        (out / "run.lock").write_text(str(other.pid))
+        assert run.main([*args, "--out", str(out)]) == 1
+        assert f"in use by another run (pid {other.pid}" in capsys.readouterr().err
+        assert not (out / "results.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert run.main([*args, "--out", str(out)]) == 0  # the dead run's lock is taken over
+    assert not (out / "run.lock").exists()
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    data, images, args = coin_run(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert run.main([*args, "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("results.json", "results.txt", "acc_matrix.png", "checkpoints/after_stage_1.pt",
+                 "predictions/stage_1/GQA.jsonl"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-per-task", "0"], "--max-per-task must be positive, got 0"),
+    (["--max-per-task", "-1"], "--max-per-task must be positive, got -1"),
+    (["--epochs", "0"], "--epochs must be positive"), (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--r", "0"], "--r must be positive"), (["--lr=-1e-4"], "--lr must be positive"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
+])
+def test_out_of_range_flags_are_refused(tmp_path, capsys, flags, message):
+    data, images, args = coin_run(tmp_path)
+    assert run.main([*args, *flags, "--out", str(tmp_path / "o")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,flags,message", [
+    ("branchlora", ["--num-branches", "0"], "--num-branches must be positive"),
+    ("branchlora", ["--top-k", "9"], "top_k must be between 1 and num_branches=8, got 9"),
+    ("branchlora", ["--r", "10"], "r=10 must split evenly into num_branches=8"),
+    ("seqlora", ["--max-per-task", "5"], "--max-per-task applies to real data"),
+])
+def test_method_flags_out_of_range_on_minicoin(tmp_path, cache, capsys, method, flags, message):
+    assert run.main(["--method", method, *SMOKE, *flags, "--out", str(tmp_path / "o"), "--cache", str(cache)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_train_projector_with_lilora_is_refused(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    args[args.index("seqlora")] = "lilora"
+    assert run.main([*args, "--train-projector", "--out", str(tmp_path / "o")]) == 1
+    assert "already adapts the projector" in capsys.readouterr().err
+
+
+def test_bad_files_are_named(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    out = tmp_path / "out"
+    assert run.main([*args, "--out", str(out)]) == 0
+    (out / "results.json").write_text('{"acc_matrix": [[1')  # truncated
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    assert "results.json is truncated or not a results file" in capsys.readouterr().err
+    folder = tmp_path / "ckpt"
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # a truncated download
+    assert run.main([*args, "--out", str(tmp_path / "o2")]) == 1
+    assert "model.safetensors: not a readable safetensors file" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert run.main([*args, "--out", str(blocker / "sub")]) == 1  # the output folder cannot be made
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    folder = tmp_path / "ckpt"
+    words = [f"w{i}" for i in range(130)] + ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.save(str(folder / "tokenizer.json"))
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "the tokenizer has 134 tokens but the model's embedding has 120 rows" in capsys.readouterr().err
