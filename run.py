@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from minimcit.adapters import METHODS, make_method
 from minimcit.check import check_benchmark
-from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, missing_images
+from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
 from minimcit.model import Llava
 from minimcit.pretrain import pretrain_base
 from minimcit.processing import TextTokenizer
 from minimcit.report import write_report
-from minimcit.train import TrainConfig, rescore, run_continual
+from minimcit.train import (TrainConfig, evaluate, load_checkpoint, rescore, run_continual, run_lock, stages_done,
+                            start_task, write_evaluation)
 
 # Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
 # CoIN (scripts/LLaVA/Train/*.sh), for its LoRA and MoELoRA and so for BranchLoRA, which builds on it:
@@ -50,7 +52,9 @@ def paper_recipe(method: str) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(METHODS))
-    p.add_argument("--tasks", choices=["minicoin", "minicvit", "coin", "cvit"])
+    p.add_argument("--tasks", choices=["minicoin", "minicvit", "coin", "cvit", "custom"],
+                   help="custom: your own tasks in CoIN's file format under --task-dir")
+    p.add_argument("--task-order", help="a comma-separated subset or permutation of the benchmark's tasks")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="MiniCoIN size")
     p.add_argument("--out", type=Path, help="output folder (default runs/<method>-<tasks>-<preset>)")
     p.add_argument("--seed", type=int, default=0)
@@ -61,6 +65,10 @@ def parse_args(argv=None):
                         "branchlora on coin/cvit: selector, its paper's identity-free protocol)")
     p.add_argument("--check-data", action="store_true", help="coin/cvit: check every file and image, then stop")
     p.add_argument("--rescore", type=Path, metavar="OUT", help="rebuild a run's matrices from its saved predictions")
+    p.add_argument("--evaluate", type=Path, metavar="OUT",
+                   help="evaluate a run's saved adapters again into OUT/evaluations/ (the run's own command is reused)")
+    p.add_argument("--stage", type=int, help="with --evaluate: which stage's adapters (default: the last finished)")
+    p.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the base model (row 0 stays empty)")
     p.add_argument("--quiet", action="store_true")
     g = p.add_argument_group("real data (coin, cvit)")
     g.add_argument("--data-root", type=Path)
@@ -70,6 +78,8 @@ def parse_args(argv=None):
     g.add_argument("--projector", type=Path, help="mm_projector.bin / .safetensors (original layout)")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in --model)")
     g.add_argument("--max-per-task", type=int, help="cap on train and test samples per task")
+    g.add_argument("--max-test-per-task", type=int, help="cap on test samples per task alone")
+    g.add_argument("--task-dir", type=Path, help="--tasks custom: <Task>/train.json, test.json (and tasks.json)")
     g.add_argument("--instructions", default="original", choices=["original", "type2"],
                    help="CoIN's instruction set (Instructions_Original or Instructions_Type2)")
     g.add_argument("--textvqa-answers", type=Path,
@@ -139,15 +149,20 @@ def task_identity(args) -> str:
 
 def validate(args) -> None:
     """Refuse out-of-range flags before anything loads."""
-    positive = {"max_per_task": args.max_per_task, "epochs": args.epochs, "lr": args.lr,
+    positive = {"max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task,
+                "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
                 "max_new_tokens": args.max_new_tokens, "r": args.r, "num_branches": args.num_branches,
                 "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task}
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
-    if args.tasks and args.tasks.startswith("mini") and args.max_per_task is not None:
-        raise ValueError(f"--max-per-task applies to real data; --tasks {args.tasks} sizes itself by --preset")
+    for flag in ("max_per_task", "max_test_per_task"):
+        if args.tasks and args.tasks.startswith("mini") and getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to real data; --tasks {args.tasks} sizes itself "
+                             "by --preset")
+    if (args.tasks == "custom") != (args.task_dir is not None):
+        raise ValueError("--tasks custom and --task-dir go together")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -162,21 +177,26 @@ def out_folder(args) -> Path:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         if args.rescore:
             return rescore_run(args.rescore)
+        if args.evaluate:
+            return evaluate_run(args.evaluate, args.stage)
         missing = [f"--{a}" for a in ("method", "tasks") if getattr(args, a) is None]
         if args.check_data:
             return check_data(args)
         if missing:
             raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
         validate(args)
-        return run(args)
+        return run(args, argv)
     except KeyboardInterrupt:
-        out = out_folder(args)
-        print(f"\ninterrupted: {out / 'results.json'} holds every stage finished so far; continue with the same "
-              "command and --resume", file=sys.stderr)
+        if args.method and args.tasks and not (args.evaluate or args.rescore):
+            print(f"\ninterrupted: {out_folder(args) / 'results.json'} holds every stage finished so far; continue "
+                  "with the same command and --resume", file=sys.stderr)
+        else:
+            print("\ninterrupted: nothing of the run was changed", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError, FloatingPointError) as e:  # OSError: also a full disk mid-run
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -222,14 +242,69 @@ def check_data(args) -> int:
     return 1 if faults else 0
 
 
-def run(args) -> int:
+def run(args, argv: list) -> int:
+    out = out_folder(args)
+    probe_writable(out)  # before minutes of loading
+    s = build(args)
+    results = run_continual(s.model, s.method, s.tasks, s.collator, s.cfg, out, identity=s.identity,
+                            resume=args.resume, primary=s.primary, device=s.device, run_info=s.run_info,
+                            argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet)
+    print(write_report(results, out))
+    print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png")
+    return 0
+
+
+def evaluate_run(out: Path, stage: int | None) -> int:
+    """Evaluate a finished or interrupted run's saved adapters again, rebuilt from the run's own
+    command (data paths included); a new folder under out/evaluations/, the run untouched."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+        saved = results["argv"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{out / 'results.json'}: not a run folder written by this version (no 'argv'); "
+                         "--evaluate needs one") from None
+    args = parse_args(saved)
+    args.out, args.resume = out, False
+    done = stages_done(results)
+    stage = done if stage is None else stage
+    if not 0 <= stage <= done:
+        raise ValueError(f"--stage {stage}: {out} has stages 0..{done} finished")
+    s = build(args)
+    with run_lock(out):
+        if stage > 0:
+            load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", s.method, s.model, s.cfg)
+        else:  # the base model, as the run evaluated it: the first task's adapters started, still the identity
+            start_task(s.method, 0, s.cfg)
+        ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method if stage else None,
+                      trained=s.method.num_tasks if stage else 0, identity=s.identity, device=s.device,
+                      quiet=args.quiet)
+        folder = write_evaluation(out, stage, ev, s.primary, ["--evaluate", str(out)])
+    print(f"stage {stage} ({s.primary}): " + "  ".join(f"{t.name} {'n/a' if v is None else v}"
+                                                      for t, v in zip(s.tasks, ev.rows[s.primary])))
+    print(f"wrote {folder}")
+    return 0
+
+
+@dataclass
+class Setup:
+    model: Llava
+    method: object
+    tasks: list
+    collator: Collator
+    cfg: TrainConfig
+    identity: str
+    primary: str
+    device: torch.device
+    run_info: dict
+
+
+def build(args) -> Setup:
+    """Everything a run needs from its flags: tasks, model, tokenizer, method, recipe."""
     hp = method_hparams(args)  # refuse bad flags before minutes of loading or pre-training
     identity = task_identity(args)
     torch.manual_seed(args.seed)
     mini = args.tasks.startswith("mini")
     cfg = train_config(args)
-    out = out_folder(args)
-    probe_writable(out)  # before minutes of loading
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -237,15 +312,21 @@ def run(args) -> int:
         if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
             raise ValueError(f"--tasks {args.tasks} is built in: it takes no --data-root, --image-root or --model")
         model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=args.quiet)
-        tasks = minicoin(args.tasks, args.preset, args.seed)
+        tasks = order_tasks(minicoin(args.tasks, args.preset, args.seed), args.task_order)
         model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
         tok_path = model_path
     else:
-        missing = [f"--{a.replace('_', '-')}" for a in ("data_root", "image_root", "model") if getattr(args, a) is None]
+        needed = ("image_root", "model") if args.tasks == "custom" else ("data_root", "image_root", "model")
+        missing = [f"--{a.replace('_', '-')}" for a in needed if getattr(args, a) is None]
         if missing:
             raise ValueError(f"--tasks {args.tasks} needs {', '.join(missing)}")
-        tasks = load_benchmark(args.tasks, args.data_root, args.image_root, args.max_per_task,
-                               instructions=args.instructions, textvqa_answers=args.textvqa_answers)
+        if args.tasks == "custom":
+            tasks = load_custom(args.task_dir, args.image_root, args.max_per_task, max_test=args.max_test_per_task)
+        else:
+            tasks = load_benchmark(args.tasks, args.data_root, args.image_root, args.max_per_task,
+                                   instructions=args.instructions, textvqa_answers=args.textvqa_answers,
+                                   max_test=args.max_test_per_task)
+        tasks = order_tasks(tasks, args.task_order)
         gone = missing_images(tasks)  # before minutes of loading and hours of training
         if gone:
             shown = "\n  ".join(map(str, gone[:10]))
@@ -263,20 +344,17 @@ def run(args) -> int:
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
     method = make_method(args.method, model, **hp)
     run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": identity,
-                "max_per_task": args.max_per_task}
+                "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task}
     if not mini:  # what defines a real-data experiment beyond the flags: the paths and what is in them
         paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
-                 ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers")}
+                 ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",
+                  "--task-dir")}
         run_info.update({"instructions": args.instructions,
                          "paths": {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()},
                          "contents": content_fingerprint(tasks, args.model, tok_path, args.projector,
                                                          args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS)})
-    results = run_continual(model, method, tasks, collator, cfg, out, identity=identity, resume=args.resume,
-                            primary="robust" if mini else "official", device=device, run_info=run_info,
-                            quiet=args.quiet)
-    print(write_report(results, out))
-    print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png")
-    return 0
+    primary = "robust" if mini or args.tasks == "custom" else "official"
+    return Setup(model, method, tasks, collator, cfg, identity, primary, device, run_info)
 
 
 def _digest(path: Path) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .official import OFFICIAL_RULES
 from .processing import IGNORE_INDEX, TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
 
 
@@ -201,12 +202,13 @@ def task_files(name: str, data_root: Path, image_root: Path, instructions="origi
 
 
 def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = None, *, instructions="original",
-                   textvqa_answers=None) -> list[Task]:
+                   textvqa_answers=None, max_test: int | None = None) -> list[Task]:
     """CoIN or CVIT from `<data_root>/Instructions_<set>/<Task>/train.json` and the file each
     task's evaluation script reads (EVAL_FILES: val.json where the script reads it and the folder
     has it, else test.json), image paths relative to `image_root`. TextVQA's ten answers come
     from `textvqa_answers` or `<image_root>/TextVQA/TextVQA_0.5.1_val.json`; without them the
-    official TextVQA score is unavailable."""
+    official TextVQA score is unavailable. `max_per_task` caps both splits, `max_test` the test
+    split alone."""
     order = {"coin": COIN, "cvit": CVIT}[name]
     data_root, image_root = Path(data_root), Path(image_root)
     for p, what in ((data_root, "data root"), (image_root, "image root")):
@@ -219,12 +221,56 @@ def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = 
             raise FileNotFoundError(f"missing task folder: {folder} ({name} needs {[t for t, _ in order]})")
         by_id = read_textvqa_answers(ann) if ann is not None and ann.is_file() else None
         t = Task(task, scorer, task, _train_samples(folder / "train.json", task, image_root, max_per_task),
-                 _test_samples(test_file, task, scorer, image_root, max_per_task, by_id), test_file=str(test_file))
+                 _test_samples(test_file, task, scorer, image_root, max_test or max_per_task, by_id),
+                 test_file=str(test_file))
         for split, path in (("train", folder / "train.json"), ("test", test_file)):
             if not getattr(t, split):
                 raise ValueError(f"{path}: no items")
         tasks.append(t)
     return tasks
+
+
+SCORER_NAMES = ("letter", "vqa", "substring", "exact", "box", "caption")
+
+
+def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_test: int | None = None) -> list[Task]:
+    """The user's own tasks in CoIN's file format: `<task_dir>/<Task>/train.json` and `test.json`
+    (or `val.json`), in name order unless --task-order says otherwise. `<task_dir>/tasks.json`
+    ({"Task": "letter" | "vqa" | "substring" | "exact" | "box" | "caption"}) names each task's
+    robust scorer (default "exact"); a task named like a CoIN or CVIT task is also scored by that
+    task's official rule."""
+    task_dir, image_root = Path(task_dir), Path(image_root)
+    for p, what in ((task_dir, "--task-dir"), (image_root, "image root")):
+        if not p.is_dir():
+            raise FileNotFoundError(f"{what} not found: {p}")
+    scorers = _read_json(task_dir / "tasks.json") if (task_dir / "tasks.json").is_file() else {}
+    if not isinstance(scorers, dict) or any(v not in SCORER_NAMES for v in scorers.values()):
+        raise ValueError(f"{task_dir / 'tasks.json'}: expected {{task: scorer}} with scorers from {SCORER_NAMES}")
+    folders = sorted(p for p in task_dir.iterdir() if (p / "train.json").is_file())
+    if not folders:
+        raise FileNotFoundError(f"--task-dir {task_dir}: no <Task>/train.json inside")
+    tasks = []
+    for folder in folders:
+        scorer = scorers.get(folder.name, "exact")
+        test_file = folder / "test.json" if (folder / "test.json").is_file() else folder / "val.json"
+        tasks.append(Task(folder.name, scorer, folder.name if folder.name in OFFICIAL_RULES else None,
+                          _train_samples(folder / "train.json", folder.name, image_root, max_per_task),
+                          _test_samples(test_file, folder.name, scorer, image_root, max_test or max_per_task),
+                          test_file=str(test_file)))
+    return tasks
+
+
+def order_tasks(tasks: list[Task], order: str | None) -> list[Task]:
+    """--task-order: a comma-separated subset or permutation of the benchmark's task names."""
+    if not order:
+        return tasks
+    by_name = {t.name: t for t in tasks}
+    names = [n.strip() for n in order.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or len(set(names)) != len(names) or not names:
+        raise ValueError(f"--task-order {order!r}: give distinct names from {list(by_name)}"
+                         + (f"; unknown: {unknown}" if unknown else ""))
+    return [by_name[n] for n in names]
 
 
 def missing_images(tasks: list[Task]) -> list[Path]:

@@ -296,7 +296,8 @@ def continual_summary(acc_matrix, format_matrix=None) -> dict:
     """Continual metrics from a[k][j] = score on task j after training task k; row 0 is the
     model before any task, so the matrix is (T+1) x T. Returns the final-stage values AP, MAP,
     BWT, ACC, MFT, FWT (and MIF) plus the per-stage AP_k, MAP_k (and MIF_k)."""
-    a = [list(map(float, row)) for row in acc_matrix]
+    # Row 0 may be missing (--skip-base-eval: None cells); only FWT needs it.
+    a = [[math.nan if v is None else float(v) for v in row] for row in acc_matrix]
     T = len(a[0]) if a else 0
     if T == 0 or len(a) != T + 1 or any(len(row) != T for row in a):
         raise ValueError(f"acc_matrix must be (T+1) x T with row 0 the base model; got {len(a)} rows "
@@ -311,8 +312,10 @@ def continual_summary(acc_matrix, format_matrix=None) -> dict:
         "FWT": sum(a[j][j] - a[0][j] for j in range(1, T)) / (T - 1) if T > 1 else 0.0,  # before learning j vs base
         "AP_k": ap, "MAP_k": map_,
     }
+    if math.isnan(out["FWT"]):
+        out["FWT"] = None  # the base model was not evaluated
     if format_matrix is not None:
-        f = [list(map(float, row)) for row in format_matrix]
+        f = [[math.nan if v is None else float(v) for v in row] for row in format_matrix]
         if len(f) != T + 1 or any(len(row) != T for row in f):
             raise ValueError("format_matrix must have the accuracy matrix's shape")
         mif = [sum(f[k][:k]) / k for k in range(1, T + 1)]  # MIF_k = mean_{j<=k} f[k][j], LiLoRA Eq. 11

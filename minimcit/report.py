@@ -34,7 +34,7 @@ def _matrix_table(results: dict, key: str, title: str) -> list[str]:
     s = results.get(key.replace("acc_matrix", "summary"))
     if s:
         keys = [k for k in ("AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF") if k in s]
-        lines.append("  ".join(f"{k} {s[k]:.2f}" for k in keys))
+        lines.append("  ".join(f"{k} {'n/a' if s[k] is None else format(s[k], '.2f')}" for k in keys))
     return lines
 
 

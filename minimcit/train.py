@@ -214,7 +214,8 @@ def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0,
 
 def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Collator, cfg: TrainConfig, out: Path,
                   *, identity: str = "oracle", primary: str = "robust", resume: bool = False, device="cpu",
-                  run_info: dict | None = None, quiet: bool = False) -> dict:
+                  run_info: dict | None = None, argv: list | None = None, skip_base: bool = False,
+                  quiet: bool = False) -> dict:
     """Train the task sequence with `method` (already injected) stage by stage, as
     `method.stages` lays it out, evaluating every task after each stage under both protocols;
     `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
@@ -223,7 +224,8 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out):
         return _run_stages(model, method, tasks, collator, cfg, out, identity=identity, primary=primary,
-                           resume=resume, device=device, run_info=run_info, quiet=quiet)
+                           resume=resume, device=device, run_info=run_info, argv=argv, skip_base=skip_base,
+                           quiet=quiet)
 
 
 @contextmanager
@@ -262,7 +264,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, quiet):
+def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, argv,
+                skip_base, quiet):
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     names = [t.name for t in tasks]
@@ -276,10 +279,11 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
                f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
                "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
                            for t in tasks},
-               "stage_seconds": [], "config": fingerprint, "complete": False}
+               "stage_seconds": [], "config": fingerprint, "complete": False,
+               "argv": argv}  # the command that made the run: --evaluate rebuilds it from here
     done = -1  # last finished stage; -1: not even the base evaluated
     if resume and (out / "results.json").is_file():
-        results, done = _resume(out, ckpt_dir, fingerprint, plan, method, model, cfg)
+        results, done = _resume(out, ckpt_dir, fingerprint, method, model, cfg)
         print(f"resuming after stage {done} of {len(plan)}", file=sys.stderr)
     elif resume:
         print(f"nothing to resume in {out}: starting afresh", file=sys.stderr)
@@ -291,9 +295,12 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         if method.num_tasks == 0:
             start_task(method, 0, cfg)
         results["params"] = params_of(method)  # as the first task starts training
-        ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet)
-        _write_predictions(out, 0, ev.items)
-        add_rows(results, ev.rows, ev.format, 1)
+        if skip_base:  # row 0 left empty: every metric but FWT stands without it
+            add_rows(results, {p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), 1)
+        else:
+            ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet)
+            _write_predictions(out, 0, ev.items)
+            add_rows(results, ev.rows, ev.format, 1)
         _save(out, results)
         done = 0
     for stage in range(done + 1, len(plan) + 1):
@@ -336,7 +343,7 @@ def summarise(results: dict) -> None:
     for p in PROTOCOLS:
         suffix = "" if p == results["protocol"] else f"_{p}"
         matrix = results[f"acc_matrix{suffix}"]
-        ok = results["complete"] and all(v is not None for row in matrix for v in row)
+        ok = results["complete"] and all(v is not None for row in matrix[1:] for v in row)
         results[f"summary{suffix}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
 
 
@@ -349,6 +356,26 @@ def _write_predictions(out: Path, stage: int, items: dict) -> None:
         atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
 
 
+def write_evaluation(out: Path, stage: int, ev: Evaluation, primary: str, argv: list) -> Path:
+    """A new evaluation of a run's saved adapters, beside the run and never over it:
+    out/evaluations/stage_<k>[.n]/ with evaluation.json (a row per protocol, the format row,
+    selector accuracy) and the per-item predictions."""
+    root = out / "evaluations"
+    folder, n = root / f"stage_{stage}", 1
+    while folder.exists():
+        n += 1
+        folder = root / f"stage_{stage}.{n}"
+    folder.mkdir(parents=True)
+    for task, records in ev.items.items():
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
+    summary = {"stage": stage, "protocol": primary, "row": ev.rows[primary],
+               **{f"row_{p}": ev.rows[p] for p in PROTOCOLS if p != primary}, "format_row": ev.format,
+               "selector_accuracy": round(100 * sum(ev.hits) / len(ev.hits), 2) if ev.hits else None, "argv": argv}
+    atomic_write(folder / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return folder
+
+
 def rescore(out: Path) -> dict:
     """Rebuild both protocols' matrices, the format matrix and the summaries of a run from its saved
     predictions, with no model (after a scorer changes, or to check a number)."""
@@ -359,6 +386,9 @@ def rescore(out: Path) -> dict:
     for stage, copies in enumerate([1] + [len(s) for s in results["stages"]]):
         folder = out / "predictions" / f"stage_{stage}"
         if not folder.is_dir():
+            if stage == 0:  # --skip-base-eval
+                add_rows(results, {p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), 1)
+                continue
             break
         rows, fmt = {p: [] for p in PROTOCOLS}, []
         for task in tasks:
@@ -433,8 +463,37 @@ def _checkpoint(ckpt_dir: Path, stage: int, method: Method, projector: list) -> 
     atomic_write(ckpt_dir / f"after_stage_{stage}.pt", lambda tmp: torch.save(state, tmp))
 
 
-def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, plan: list, method: Method, model: Llava,
-            cfg: TrainConfig):
+def stages_done(results: dict) -> int:
+    """How many stages a results file holds: its rows after the base one, counted by stage."""
+    rows, done = len(results["acc_matrix"]) - 1, 0
+    while done < len(results["stages"]) and rows >= len(results["stages"][done]):
+        rows -= len(results["stages"][done])
+        done += 1
+    return done
+
+
+def load_checkpoint(path: Path, method: Method, model: Llava, cfg: TrainConfig) -> None:
+    """Restore the method (and the trained projector) as they were after a stage: the tasks it had
+    started, every tensor, and which of them were frozen."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; cannot restore the adapters of that stage")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: cannot read this checkpoint ({e}); it may be truncated, so the run cannot "
+                         "resume from it: start afresh in another --out") from None
+    while method.num_tasks < state["num_tasks"]:
+        start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
+    method.load_adapter_state_dict(state["adapters"], source=str(path))
+    frozen = set(state["frozen"])
+    for name, v in method.adapter_tensors().items():
+        if isinstance(v, nn.Parameter):
+            v.requires_grad_(name not in frozen)
+    if "projector" in state:
+        model.multi_modal_projector.load_state_dict(state["projector"])
+
+
+def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model: Llava, cfg: TrainConfig):
     path = out / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -447,28 +506,9 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, plan: list, method: Me
         setting, old, new = diff
         raise ValueError(f"--resume: {path} was written by a different run: {setting} was {old!r}, now {new!r}; "
                          "use another --out, or drop --resume to start afresh")
-    rows, done = len(results["acc_matrix"]) - 1, 0  # rows after the base one; stages they cover
-    while done < len(plan) and rows >= len(plan[done]):
-        rows -= len(plan[done])
-        done += 1
+    done = stages_done(results)
     if done > 0:
-        path = ckpt_dir / f"after_stage_{done}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; cannot resume after stage {done}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise ValueError(f"{path}: cannot read this checkpoint ({e}); it may be truncated, so the run cannot "
-                             "resume from it: start afresh in another --out") from None
-        while method.num_tasks < state["num_tasks"]:
-            start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
-        method.load_adapter_state_dict(state["adapters"], source=str(path))
-        frozen = set(state["frozen"])
-        for name, v in method.adapter_tensors().items():
-            if isinstance(v, nn.Parameter):
-                v.requires_grad_(name not in frozen)
-        if "projector" in state:
-            model.multi_modal_projector.load_state_dict(state["projector"])
+        load_checkpoint(ckpt_dir / f"after_stage_{done}.pt", method, model, cfg)
     elif method.num_tasks == 0:
         start_task(method, 0, cfg)
     return results, done

@@ -75,7 +75,8 @@ def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, 
 
     whole, resumed = load(tmp_path / "whole"), load(tmp_path / "killed")
     for r in (whole, resumed):
-        r.pop("stage_seconds")  # wall-clock times, the one thing allowed to differ
+        r.pop("stage_seconds")  # wall-clock times, and the command (its --out), the things allowed to differ
+        r.pop("argv")
     assert resumed == whole
     # Scores of a smoke-sized model are coarse; the trained adapters must match bit for bit too.
     last = f"checkpoints/after_stage_{len(whole['tasks'])}.pt"
@@ -403,3 +404,60 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys):
     tok.save(str(folder / "tokenizer.json"))
     assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
     assert "the tokenizer has 134 tokens but the model's embedding has 120 rows" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the commands researchers reach for
+
+
+@pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("joint", [])])
+def test_evaluate_reproduces_the_last_row_and_touches_nothing(method, extra, tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert run.main(["--method", method, *SMOKE, "--out", str(out), "--cache", str(cache), *extra]) == 0
+    before = digest(out)
+    r = load(out)
+    assert run.main(["--evaluate", str(out)]) == 0
+    ev = json.loads((out / "evaluations" / f"stage_{len(r['stages'])}" / "evaluation.json").read_text())
+    assert ev["row"] == r["acc_matrix"][-1] and ev["row_official"] == r["acc_matrix_official"][-1]
+    assert ev["format_row"] == r["format_matrix"][-1] and ev["selector_accuracy"] == r["selector_accuracy"]
+    assert run.main(["--evaluate", str(out), "--stage", "0"]) == 0  # the base model again
+    ev0 = json.loads((out / "evaluations" / "stage_0" / "evaluation.json").read_text())
+    assert ev0["row"] == r["acc_matrix"][0]
+    assert {k: v for k, v in digest(out).items() if k.parts[0] != "evaluations"} == before
+    assert run.main(["--evaluate", str(out), "--stage", "99"]) == 1
+    assert "--stage 99" in capsys.readouterr().err
+
+
+def test_task_order_skip_base_eval_and_test_cap(tmp_path, cache):
+    out = tmp_path / "o"
+    assert run.main(["--method", "seqlora", *SMOKE, "--task-order", "gqa,sciqa", "--skip-base-eval",
+                     "--out", str(out), "--cache", str(cache)]) == 0
+    r = load(out)
+    assert r["tasks"] == ["gqa", "sciqa"] and r["acc_matrix"][0] == [None, None]
+    assert r["summary"]["FWT"] is None and r["summary"]["AP"] is not None  # every metric but FWT stands
+    assert not (out / "predictions" / "stage_0").exists()
+    assert run.main(["--method", "seqlora", *SMOKE, "--task-order", "gqa,nope", "--out", str(tmp_path / "x"),
+                     "--cache", str(cache)]) == 1
+    data, images, args = coin_run(tmp_path / "c")
+    assert run.main([*args, "--max-test-per-task", "1", "--task-order", "VQAv2,GQA", "--out", str(tmp_path / "c1")]) == 0
+    r = load(tmp_path / "c1")
+    assert r["tasks"] == ["VQAv2", "GQA"]
+    records = (tmp_path / "c1" / "predictions" / "stage_2" / "GQA.jsonl").read_text().splitlines()
+    assert len(records) == 1  # the test cap; training kept both items
+
+
+def test_custom_tasks_in_the_coin_format(tmp_path):
+    data, images, args = coin_run(tmp_path)
+    mine = tmp_path / "mine"
+    for name in ("GQA", "OCRVQA"):
+        shutil.copytree(data / "Instructions_Original" / name, mine / ("Colours" if name == "GQA" else name))
+    (mine / "tasks.json").write_text(json.dumps({"Colours": "vqa"}))
+    i = args.index("--data-root")
+    args = args[:i] + args[i + 2:]
+    args[args.index("coin")] = "custom"
+    out = tmp_path / "out"
+    assert run.main([*args, "--task-dir", str(mine), "--out", str(out)]) == 0
+    r = load(out)
+    assert r["tasks"] == ["Colours", "OCRVQA"] and r["protocol"] == "robust"
+    assert r["scoring"]["Colours"] == {"scorer": "vqa", "official": None, "test_file": str(mine / "Colours" / "test.json")}
+    assert r["scoring"]["OCRVQA"]["official"] == "OCRVQA"  # a CoIN task's name brings its official rule
+    assert all(row[0] is None for row in r["acc_matrix_official"])
