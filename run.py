@@ -250,7 +250,7 @@ def run(args, argv: list) -> int:
                             resume=args.resume, primary=s.primary, device=s.device, run_info=s.run_info,
                             argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet)
     print(write_report(results, out))
-    print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png")
+    print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png, loss_curves.png")
     return 0
 
 

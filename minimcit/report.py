@@ -1,5 +1,5 @@
-"""Results a person can read: the accuracy matrix as a text table, and two PNGs drawn with
-pillow: the matrix as a heatmap, and each task's score across the stages."""
+"""Results a person can read: the accuracy matrix as a text table, and three PNGs drawn with
+pillow: the matrix as a heatmap, each task's score across the stages, and the loss curves."""
 
 from __future__ import annotations
 
@@ -103,9 +103,43 @@ def curves(results: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def loss_curves(results: dict, path: Path) -> None:
+    """Every stage's training loss against the run's steps, a grey line where a stage begins."""
+    curves = results.get("loss_curves") or []
+    W, H, L, B, T, R = 720, 360, 60, 50, 40, 20
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((L, 10), f"{results['method']}: training loss per stage", fill="black", font=_font(16))
+    points, offset = [], 0
+    for s, curve in enumerate(curves):
+        points.append([(offset + step, loss) for step, loss in curve])
+        offset += curve[-1][0] if curve else 0
+    losses = [v for pts in points for _, v in pts if v == v]  # NaN-free
+    if not losses:
+        atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+        return
+    top, total = max(losses) * 1.05 or 1.0, max(offset, 1)
+    x = lambda s: L + (W - L - R) * s / total  # noqa: E731
+    y = lambda v: H - B - (H - B - T) * v / top  # noqa: E731
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        d.line((L, y(top * frac), W - R, y(top * frac)), fill=(225, 225, 225))
+        d.text((5, y(top * frac) - 7), f"{top * frac:.2f}", fill="black", font=_font(11))
+    for s, pts in enumerate(points):
+        if pts:
+            start = pts[0][0] - curves[s][0][0]
+            d.line((x(start), T, x(start), H - B), fill=(200, 200, 200))
+            d.text((x(start) + 2, H - B + 8), str(s + 1), fill="black", font=_font(11))
+        ok = [(x(a), y(b)) for a, b in pts if b == b]
+        if len(ok) > 1:
+            d.line(ok, fill=PALETTE[s % len(PALETTE)], width=2)
+    d.text((L + (W - L - R) // 2 - 40, H - 22), "step (stage numbers below)", fill="black", font=_font(12))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
 def write_report(results: dict, out: Path) -> str:
     table = text_table(results)
     atomic_write(out / "results.txt", lambda tmp: Path(tmp).write_text(table + "\n"))
     heatmap(results, out / "acc_matrix.png")
     curves(results, out / "task_curves.png")
+    loss_curves(results, out / "loss_curves.png")
     return table

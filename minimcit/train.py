@@ -48,20 +48,20 @@ class TrainConfig:
 
 
 class Progress:
-    """One self-overwriting line: stage, step/total, loss, samples/s, ETA."""
+    """One self-overwriting line: what, done/total, a detail (loss, samples/s; a task's score), ETA."""
 
-    def __init__(self, label: str, total: int, quiet: bool = False):
-        self.label, self.total, self.quiet = label, total, quiet
+    def __init__(self, label: str, total: int, quiet: bool = False, unit: str = "step"):
+        self.label, self.total, self.quiet, self.unit = label, total, quiet, unit
         self.start = self.last = time.time()
 
-    def update(self, step: int, loss: float, samples: int) -> None:
+    def update(self, done: int, detail: str = "") -> None:
         now = time.time()
-        if self.quiet or (now - self.last < 1.0 and step < self.total):
+        if self.quiet or (now - self.last < 1.0 and done < self.total):
             return
         self.last, elapsed = now, now - self.start
-        eta = elapsed / step * (self.total - step)
-        print(f"\r[{self.label}] step {step}/{self.total} loss {loss:.3f} {samples / elapsed:.1f} samples/s "
-              f"ETA {eta:.0f}s   ", end="" if step < self.total else "\n", file=sys.stderr, flush=True)
+        eta = elapsed / done * (self.total - done)
+        print(f"\r[{self.label}] {self.unit} {done}/{self.total} {detail} ETA {eta:.0f}s   ",
+              end="" if done < self.total else "\n", file=sys.stderr, flush=True)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -82,10 +82,10 @@ def autocast(device):
 
 def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
-                quiet: bool = False, projector=()) -> float:
+                quiet: bool = False, projector=()) -> list:
     """Train `params` (and `projector`, at cfg.projector_lr) on `samples` for cfg.epochs; returns
-    the last step's loss. Gradient accumulation weights every answer token equally across the
-    micro-batches of a step."""
+    the loss curve, [step, loss] about every 1% of the steps and at the last. Gradient
+    accumulation weights every answer token equally across the micro-batches of a step."""
     torch.manual_seed(cfg.seed * 1000 + stage)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + stage)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -99,7 +99,7 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
-    progress, loss_value = Progress(label, total, quiet), float("nan")
+    progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
     for step in range(total):
         idx = order[step * per_step:(step + 1) * per_step].tolist()
         micro = [to_device(collator([samples[i] for i in idx[j:j + cfg.batch_size]]), device)
@@ -123,9 +123,12 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        progress.update(step + 1, loss_value, (step + 1) * per_step)
+        progress.update(step + 1, f"loss {loss_value:.3f} {(step + 1) * per_step / (time.time() - progress.start):.1f} "
+                                  "samples/s")
+        if (step + 1) % every == 0 or step + 1 == total:
+            curve.append([step + 1, round(loss_value, 5)])
     model.eval()
-    return loss_value
+    return curve
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -189,10 +192,11 @@ def score_task(task_scorer: str, rule: str | None, ids: list, questions: list, p
 
 
 def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0, identity="oracle",
-             device="cpu", quiet=False) -> Evaluation:
+             device="cpu", quiet=False, label: str = "eval") -> Evaluation:
     """Every task's test items answered and scored under both protocols, with selector hits on
     the seen tasks."""
     ev = Evaluation({p: [] for p in PROTOCOLS}, [], [], {})
+    progress = Progress(label, len(tasks), quiet, unit="task")
     for j, task in enumerate(tasks):
         preds, h = predict(model, task.test, collator, cfg, method=method, trained=trained, identity=identity,
                            true_task=j, device=device)
@@ -203,9 +207,8 @@ def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0,
             ev.rows[p].append(scores[p])
         ev.format.append(fmt)
         ev.hits += h or []
-        if not quiet:
-            shown = "  ".join(f"{p} {'n/a' if scores[p] is None else f'{scores[p]:5.1f}'}" for p in PROTOCOLS)
-            print(f"  eval {task.name:10s} {shown}  (format {fmt:5.1f}%)  e.g. {preds[0]!r}", file=sys.stderr)
+        shown = "  ".join(f"{p} {'n/a' if scores[p] is None else f'{scores[p]:5.1f}'}" for p in PROTOCOLS)
+        progress.update(j + 1, f"{task.name}: {shown} (format {fmt:.0f}%)")
     return ev
 
 
@@ -279,7 +282,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
                f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
                "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
                            for t in tasks},
-               "stage_seconds": [], "config": fingerprint, "complete": False,
+               "stage_seconds": [], "loss_curves": [], "config": fingerprint, "complete": False,
                "argv": argv}  # the command that made the run: --evaluate rebuilds it from here
     done = -1  # last finished stage; -1: not even the base evaluated
     if resume and (out / "results.json").is_file():
@@ -298,7 +301,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         if skip_base:  # row 0 left empty: every metric but FWT stands without it
             add_rows(results, {p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), 1)
         else:
-            ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet)
+            ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet, label="eval base")
             _write_predictions(out, 0, ev.items)
             add_rows(results, ev.rows, ev.format, 1)
         _save(out, results)
@@ -310,16 +313,23 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             start_task(method, k, cfg)
         samples = [s for j in plan[k] for s in tasks[j].train]
         what = names[plan[k][0]] if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
-        train_stage(model, method.trainable_parameters(), samples, collator, cfg, stage=stage, projector=projector,
-                    label=f"stage {stage}/{len(plan)} {what}", method=method, task=k, device=device, quiet=quiet)
+        curve = train_stage(model, method.trainable_parameters(), samples, collator, cfg, stage=stage,
+                            projector=projector, label=f"stage {stage}/{len(plan)} {what}", method=method, task=k,
+                            device=device, quiet=quiet)
         method.end_task(k)
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
-                      device=device, quiet=quiet)
+                      device=device, quiet=quiet, label=f"eval after stage {stage}")
         _write_predictions(out, stage, ev.items)
         add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
         if ev.hits:
             results["selector_accuracy"] = round(100 * sum(ev.hits) / len(ev.hits), 2)
         results["stage_seconds"].append(round(time.time() - t0, 1))
+        results.setdefault("loss_curves", []).append(curve)
+        left = len(plan) - stage
+        if not quiet and left:
+            eta = sum(results["stage_seconds"]) / len(results["stage_seconds"]) * left
+            print(f"stage {stage}/{len(plan)} took {results['stage_seconds'][-1]:.0f}s; the run ends in about "
+                  f"{eta / 60:.1f} min", file=sys.stderr)
         results["params"]["total_added"] = params_of(method)["total_added"]
         results["complete"] = stage == len(plan)
         summarise(results)

@@ -47,8 +47,9 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
         assert (out / "predictions" / f"stage_{k}" / "caption.jsonl").is_file()
     assert r["params"]["trainable"] > 0 and r["params"]["total_added"] >= r["params"]["trainable"]
     assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row)
-    for name in ("results.txt", "acc_matrix.png", "task_curves.png"):
+    for name in ("results.txt", "acc_matrix.png", "task_curves.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
+    assert len(r["loss_curves"]) == len(r["stages"]) and all(c and c[-1][1] > 0 for c in r["loss_curves"])
     if method == "branchlora":
         assert r["params"]["total_added"] > r["params"]["trainable"]  # routers of earlier tasks, frozen
 
