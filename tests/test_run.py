@@ -383,9 +383,21 @@ def test_bad_files_are_named(tmp_path, capsys):
     data, images, args = coin_run(tmp_path)
     out = tmp_path / "out"
     assert run.main([*args, "--out", str(out)]) == 0
+    ckpt = out / "checkpoints" / "after_stage_8.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:300])  # a checkpoint cut short
+    before = digest(out)
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    assert "after_stage_8.pt: cannot read this checkpoint" in capsys.readouterr().err
+    assert digest(out) == before
     (out / "results.json").write_text('{"acc_matrix": [[1')  # truncated
+    before = digest(out)
     assert run.main([*args, "--out", str(out), "--resume"]) == 1
     assert "results.json is truncated or not a results file" in capsys.readouterr().err
+    (out / "results.json").write_text("")  # empty
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    assert "results.json is truncated or not a results file" in capsys.readouterr().err
+    (out / "results.json").write_text('{"acc_matrix": [[1')
+    assert digest(out) == before  # nothing written before the failures changed
     folder = tmp_path / "ckpt"
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])  # a truncated download
