@@ -474,3 +474,23 @@ def test_custom_tasks_in_the_coin_format(tmp_path):
     assert r["scoring"]["Colours"] == {"scorer": "vqa", "official": None, "test_file": str(mine / "Colours" / "test.json")}
     assert r["scoring"]["OCRVQA"]["official"] == "OCRVQA"  # a CoIN task's name brings its official rule
     assert all(row[0] is None for row in r["acc_matrix_official"])
+
+
+def test_a_disk_that_fills_mid_run_ends_in_a_message(tmp_path, capsys, monkeypatch):
+    data, images, args = coin_run(tmp_path)
+    out = tmp_path / "out"
+    real, calls = train.atomic_write, []
+
+    def full_disk(path, write):
+        calls.append(path)
+        if path.name == "after_stage_2.pt":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(train, "atomic_write", full_disk)
+    assert run.main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "after_stage_2.pt" in err
+    r = load(out)  # what was written before stays whole
+    assert len(r["acc_matrix"]) == 2 and (out / "checkpoints" / "after_stage_1.pt").is_file()
+    assert not list(out.rglob("*.tmp")) and not (out / "run.lock").exists()
