@@ -29,8 +29,8 @@ from minimcit.model import Llava
 from minimcit.pretrain import pretrain_base
 from minimcit.processing import TextTokenizer
 from minimcit.report import write_report
-from minimcit.train import (TrainConfig, evaluate, load_checkpoint, rescore, run_continual, run_lock, stages_done,
-                            start_task, write_evaluation)
+from minimcit.runfolder import load_checkpoint, run_lock, stages_done, start_task, write_evaluation
+from minimcit.train import TrainConfig, evaluate, rescore, run_continual
 
 # Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
 # CoIN (scripts/LLaVA/Train/*.sh), for its LoRA and MoELoRA and so for BranchLoRA, which builds on it:

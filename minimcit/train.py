@@ -1,6 +1,7 @@
 """The continual run: train each stage in turn (one task, or all of them for the joint
 baseline), evaluate every task after every stage, write the accuracy matrix and its summary.
-`train_stage` is the step loop, shared with stage-1 pre-training (pretrain.py).
+`train_stage` is the step loop, shared with stage-1 pre-training (pretrain.py); what the run
+folder holds and how it is written is in runfolder.py.
 
 Resume works at stage boundaries. Each stage draws its randomness from (seed, stage) alone, so
 restarting from the checkpoint written after task k-1 trains task k exactly as an
@@ -11,23 +12,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
 from .data import Collator, Sample, Task, select_rows
 from .method import Method
 from .metrics import continual_summary
 from .model import IGNORE_INDEX, Llava
 from .official import percent, score_items
+from .runfolder import (first_difference, load_checkpoint, run_lock, save_checkpoint, save_results, stages_done,
+                        start_task, write_predictions)
 
 
 @dataclass
@@ -231,42 +231,6 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
                            quiet=quiet)
 
 
-@contextmanager
-def run_lock(out: Path):
-    """out/run.lock holds the pid of the run writing to `out`; a second run into the same folder is
-    refused while that process lives, and a lock left by a dead one is taken over."""
-    lock = out / "run.lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise FileExistsError(f"{out} is in use by another run (pid {pid}, see {lock}): wait for it to "
-                                      "finish, or choose another --out") from None
-            lock.unlink(missing_ok=True)  # left by a run that died: take it over
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, argv,
                 skip_base, quiet):
     ckpt_dir = out / "checkpoints"
@@ -302,9 +266,9 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             add_rows(results, {p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), 1)
         else:
             ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet, label="eval base")
-            _write_predictions(out, 0, ev.items)
+            write_predictions(out, 0, ev.items)
             add_rows(results, ev.rows, ev.format, 1)
-        _save(out, results)
+        save_results(out, results)
         done = 0
     for stage in range(done + 1, len(plan) + 1):
         t0 = time.time()
@@ -319,7 +283,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         method.end_task(k)
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
                       device=device, quiet=quiet, label=f"eval after stage {stage}")
-        _write_predictions(out, stage, ev.items)
+        write_predictions(out, stage, ev.items)
         add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
         if ev.hits:
             results["selector_accuracy"] = round(100 * sum(ev.hits) / len(ev.hits), 2)
@@ -333,8 +297,8 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         results["params"]["total_added"] = params_of(method)["total_added"]
         results["complete"] = stage == len(plan)
         summarise(results)
-        _checkpoint(ckpt_dir, stage, method, projector)
-        _save(out, results)
+        save_checkpoint(ckpt_dir, stage, method, projector)
+        save_results(out, results)
     return results
 
 
@@ -355,35 +319,6 @@ def summarise(results: dict) -> None:
         matrix = results[f"acc_matrix{suffix}"]
         ok = results["complete"] and all(v is not None for row in matrix[1:] for v in row)
         results[f"summary{suffix}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
-
-
-def _write_predictions(out: Path, stage: int, items: dict) -> None:
-    """predictions/stage_<k>/<task>.jsonl: every test item's prediction, gold and per-item scores."""
-    folder = out / "predictions" / f"stage_{stage}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for task, records in items.items():
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
-
-
-def write_evaluation(out: Path, stage: int, ev: Evaluation, primary: str, argv: list) -> Path:
-    """A new evaluation of a run's saved adapters, beside the run and never over it:
-    out/evaluations/stage_<k>[.n]/ with evaluation.json (a row per protocol, the format row,
-    selector accuracy) and the per-item predictions."""
-    root = out / "evaluations"
-    folder, n = root / f"stage_{stage}", 1
-    while folder.exists():
-        n += 1
-        folder = root / f"stage_{stage}.{n}"
-    folder.mkdir(parents=True)
-    for task, records in ev.items.items():
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
-    summary = {"stage": stage, "protocol": primary, "row": ev.rows[primary],
-               **{f"row_{p}": ev.rows[p] for p in PROTOCOLS if p != primary}, "format_row": ev.format,
-               "selector_accuracy": round(100 * sum(ev.hits) / len(ev.hits), 2) if ev.hits else None, "argv": argv}
-    atomic_write(folder / "evaluation.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    return folder
 
 
 def rescore(out: Path) -> dict:
@@ -415,7 +350,7 @@ def rescore(out: Path) -> dict:
             fmt.append(f)
         add_rows(results, rows, fmt, copies)
     summarise(results)
-    _save(out, results)
+    save_results(out, results)
     return results
 
 
@@ -433,74 +368,10 @@ def trained_projector(model: Llava, method: Method, cfg: TrainConfig) -> list[nn
     return params
 
 
-def start_task(method: Method, k: int, cfg: TrainConfig) -> None:
-    """New task parameters drawn from (seed, task) alone, so a resumed run draws the same ones."""
-    torch.manual_seed(cfg.seed * 1000 + 500 + k)
-    method.start_task(k)
-
-
 def params_of(method: Method) -> dict:
     """trainable: receiving gradients now; total_added: every tensor the method added so far."""
     added = sum(p.numel() for p in method.adapter_parameters())
     return {"trainable": sum(p.numel() for p in method.trainable_parameters()), "total_added": added}
-
-
-def first_difference(old, new, where: str = ""):
-    """(setting, old value, new value) of the first place two run descriptions differ, else None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in [*old, *(k for k in new if k not in old)]:
-            found = first_difference(old.get(key), new.get(key), key if key.startswith("--") else
-                                     f"{where}.{key}".strip("."))
-            if found:
-                return found
-        return None
-    return None if old == new else (where or "the run description", old, new)
-
-
-def _save(out: Path, results: dict) -> None:
-    text = json.dumps(results, indent=1)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
-
-
-def _checkpoint(ckpt_dir: Path, stage: int, method: Method, projector: list) -> None:
-    """Adapter-only state after `stage`: the method's tensors, the names of those frozen, and
-    the projector when it is trained."""
-    state = {"stage": stage, "num_tasks": method.num_tasks, "adapters": method.adapter_state_dict(),
-             "frozen": sorted(n for n, v in method.adapter_tensors().items()
-                              if isinstance(v, nn.Parameter) and not v.requires_grad)}
-    if projector:
-        state["projector"] = method.model.multi_modal_projector.state_dict()
-    atomic_write(ckpt_dir / f"after_stage_{stage}.pt", lambda tmp: torch.save(state, tmp))
-
-
-def stages_done(results: dict) -> int:
-    """How many stages a results file holds: its rows after the base one, counted by stage."""
-    rows, done = len(results["acc_matrix"]) - 1, 0
-    while done < len(results["stages"]) and rows >= len(results["stages"][done]):
-        rows -= len(results["stages"][done])
-        done += 1
-    return done
-
-
-def load_checkpoint(path: Path, method: Method, model: Llava, cfg: TrainConfig) -> None:
-    """Restore the method (and the trained projector) as they were after a stage: the tasks it had
-    started, every tensor, and which of them were frozen."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; cannot restore the adapters of that stage")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: cannot read this checkpoint ({e}); it may be truncated, so the run cannot "
-                         "resume from it: start afresh in another --out") from None
-    while method.num_tasks < state["num_tasks"]:
-        start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
-    method.load_adapter_state_dict(state["adapters"], source=str(path))
-    frozen = set(state["frozen"])
-    for name, v in method.adapter_tensors().items():
-        if isinstance(v, nn.Parameter):
-            v.requires_grad_(name not in frozen)
-    if "projector" in state:
-        model.multi_modal_projector.load_state_dict(state["projector"])
 
 
 def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model: Llava, cfg: TrainConfig):

@@ -14,7 +14,7 @@ from test_data import write_fixture
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import run
-from minimcit import train
+from minimcit import runfolder, train
 from minimcit.adapters import make_method
 from minimcit.minicoin import PRESETS
 from minimcit.train import TrainConfig
@@ -479,7 +479,7 @@ def test_custom_tasks_in_the_coin_format(tmp_path):
 def test_a_disk_that_fills_mid_run_ends_in_a_message(tmp_path, capsys, monkeypatch):
     data, images, args = coin_run(tmp_path)
     out = tmp_path / "out"
-    real, calls = train.atomic_write, []
+    real, calls = runfolder.atomic_write, []
 
     def full_disk(path, write):
         calls.append(path)
@@ -487,7 +487,7 @@ def test_a_disk_that_fills_mid_run_ends_in_a_message(tmp_path, capsys, monkeypat
             raise OSError(28, "No space left on device", str(path))
         return real(path, write)
 
-    monkeypatch.setattr(train, "atomic_write", full_disk)
+    monkeypatch.setattr(runfolder, "atomic_write", full_disk)
     assert run.main([*args, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "after_stage_2.pt" in err
