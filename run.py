@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from minimcit import distributed as dist
 from minimcit.adapters import METHODS, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
@@ -244,13 +245,26 @@ def check_data(args) -> int:
 
 def run(args, argv: list) -> int:
     out = out_folder(args)
-    probe_writable(out)  # before minutes of loading
+    _, world = dist.init(args.device)  # torchrun: one process per device, the same flags everywhere
+    if not dist.is_main():
+        args.quiet = True  # rank 0 reports
+    if dist.is_main():
+        probe_writable(out)  # before minutes of loading
+    dist.barrier()
     s = build(args)
-    results = run_continual(s.model, s.method, s.tasks, s.collator, s.cfg, out, identity=s.identity,
-                            resume=args.resume, primary=s.primary, device=s.device, run_info=s.run_info,
-                            argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet)
-    print(write_report(results, out))
-    print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png, loss_curves.png")
+    if not args.quiet:
+        print(f"global batch: {s.cfg.batch_size} x {s.cfg.grad_accum} accumulation = "
+              f"{s.cfg.batch_size * s.cfg.grad_accum} samples per step, dealt out over {world} process(es); "
+              "the same optimisation at any world size", file=sys.stderr)
+    try:
+        results = run_continual(s.model, s.method, s.tasks, s.collator, s.cfg, out, identity=s.identity,
+                                resume=args.resume, primary=s.primary, device=s.device, run_info=s.run_info,
+                                argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet)
+    finally:
+        dist.finish()
+    if dist.is_main():
+        print(write_report(results, out))
+        print(f"wrote {out / 'results.json'}, results.txt, acc_matrix.png, task_curves.png, loss_curves.png")
     return 0
 
 
@@ -306,12 +320,17 @@ def build(args) -> Setup:
     mini = args.tasks.startswith("mini")
     cfg = train_config(args)
     device = torch.device(args.device)
+    if device.type == "cuda" and dist.world_size() > 1:  # torchrun: this process's own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     if mini:
         if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
             raise ValueError(f"--tasks {args.tasks} is built in: it takes no --data-root, --image-root or --model")
-        model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=args.quiet)
+        if dist.is_main():  # stage 1 once; the other processes read the cached base
+            pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=args.quiet)
+        dist.barrier()
+        model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=True)
         tasks = order_tasks(minicoin(args.tasks, args.preset, args.seed), args.task_order)
         model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
         tok_path = model_path

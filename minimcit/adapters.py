@@ -242,6 +242,9 @@ class BranchLoRA(Method):
         for layer in self.layers:
             layer.freeze_most_used()
 
+    def statistics(self):
+        return [s for layer in self.layers for s in (layer.gate_mass, layer.gate_tokens)]
+
     @contextmanager
     def batch_context(self, attention_mask=None, training: bool = False):
         self.ctx.mask = None if attention_mask is None else attention_mask.bool()

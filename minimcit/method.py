@@ -150,6 +150,11 @@ class Method:
     def end_task(self, t: int) -> None:
         pass
 
+    def statistics(self) -> list:
+        """Tensors a method accumulates from the data it trains on (summed over processes under
+        torchrun before end_task reads them)."""
+        return []
+
     def extra_loss(self, batch: dict, task: int):
         """Method losses added to L_task, already weighted (None when there are none)."""
         if self.selector is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .checkpoint import atomic_write
 
 
@@ -21,6 +22,9 @@ from .checkpoint import atomic_write
 def run_lock(out: Path):
     """out/run.lock holds the pid of the run writing to `out`; a second run into the same folder is
     refused while that process lives, and a lock left by a dead one is taken over."""
+    if not dist.is_main():  # under torchrun rank 0 holds the lock and does all the writing
+        yield
+        return
     lock = out / "run.lock"
     while True:
         try:
@@ -72,6 +76,8 @@ def first_difference(old, new, where: str = ""):
 
 
 def save_results(out: Path, results: dict) -> None:
+    if not dist.is_main():
+        return
     text = json.dumps(results, indent=1)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
 
@@ -79,6 +85,8 @@ def save_results(out: Path, results: dict) -> None:
 def save_checkpoint(ckpt_dir: Path, stage: int, method, projector: list) -> None:
     """Adapter-only state after `stage`: the method's tensors, the names of those frozen, and
     the projector when it is trained."""
+    if not dist.is_main():
+        return
     state = {"stage": stage, "num_tasks": method.num_tasks, "adapters": method.adapter_state_dict(),
              "frozen": sorted(n for n, v in method.adapter_tensors().items()
                               if isinstance(v, nn.Parameter) and not v.requires_grad)}
@@ -119,6 +127,8 @@ def load_checkpoint(path: Path, method, model, cfg) -> None:
 
 def write_predictions(out: Path, stage: int, items: dict) -> None:
     """predictions/stage_<k>/<task>.jsonl: every test item's prediction, gold and per-item scores."""
+    if not dist.is_main():
+        return
     folder = out / "predictions" / f"stage_{stage}"
     folder.mkdir(parents=True, exist_ok=True)
     for task, records in items.items():
@@ -132,6 +142,8 @@ def write_evaluation(out: Path, stage: int, ev, primary: str, argv: list) -> Pat
     selector accuracy) and the per-item predictions."""
     root = out / "evaluations"
     folder, n = root / f"stage_{stage}", 1
+    if not dist.is_main():
+        return folder
     while folder.exists():
         n += 1
         folder = root / f"stage_{stage}.{n}"

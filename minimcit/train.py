@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .data import Collator, Sample, Task, select_rows
 from .method import Method
 from .metrics import continual_summary
@@ -84,8 +85,10 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
     """Train `params` (and `projector`, at cfg.projector_lr) on `samples` for cfg.epochs; returns
-    the loss curve, [step, loss] about every 1% of the steps and at the last. Gradient
-    accumulation weights every answer token equally across the micro-batches of a step."""
+    the loss curve, [step, loss] about every 1% of the steps and at the last. A step takes
+    batch_size x grad_accum samples, drawn in an order fixed by the seed; under torchrun its
+    micro-batches are dealt out across processes and the gradients summed (distributed.py).
+    Gradient accumulation weights every answer token of the step equally, on any world size."""
     torch.manual_seed(cfg.seed * 1000 + stage)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + stage)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -100,12 +103,14 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     model.train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
+    rank, world = dist.rank(), dist.world_size()
     for step in range(total):
         idx = order[step * per_step:(step + 1) * per_step].tolist()
-        micro = [to_device(collator([samples[i] for i in idx[j:j + cfg.batch_size]]), device)
-                 for j in range(0, len(idx), cfg.batch_size)]
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        loss_value = 0.0
+        chunks = [idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)]
+        micro = [to_device(collator([samples[i] for i in chunk]), device) for chunk in chunks[rank::world]]
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        n_tokens = int(dist.sum_(torch.tensor(float(local))).item())  # the step's answer tokens, every process
+        loss_value = torch.zeros((), dtype=torch.float64)
         for b in micro:
             ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
             with autocast(device), ctx:
@@ -113,12 +118,14 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
                 loss = loss_sum / max(1, n_tokens)  # every answer token of the step counts once
                 extra = method.extra_loss(b, task) if method else None
                 if extra is not None:
-                    loss = loss + extra / len(micro)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{label}: loss is {loss.item()} at step {step + 1}/{total}; stopping "
-                                         "(lower --lr, or check the data)")
+                    loss = loss + extra / len(chunks)
             loss.backward()
             loss_value += loss.item()
+        loss_value = float(dist.sum_(loss_value).item())
+        if not math.isfinite(loss_value):  # decided on the summed value, so every process stops together
+            raise FloatingPointError(f"{label}: loss is {loss_value} at step {step + 1}/{total}; stopping "
+                                     "(lower --lr, or check the data)")
+        dist.sum_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
@@ -137,11 +144,13 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
 def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainConfig, *, method=None,
             trained: int = 0, identity: str = "oracle", true_task: int = 0, device="cpu"):
     """Greedy answers for `samples`, with the task chosen by oracle identity or the selector.
-    Returns (predictions, selector hits or None)."""
-    preds, hits = [], []
+    Returns (predictions, selector hits or None). Under torchrun the eval batches are dealt out
+    across processes (the same batches as alone) and gathered back in order."""
     task_specific = method is not None and method.task_specific and trained > 0
-    for start in range(0, len(samples), cfg.eval_batch_size):
-        chunk = samples[start:start + cfg.eval_batch_size]
+    mine = {}
+    starts = list(range(0, len(samples), cfg.eval_batch_size))
+    for start in starts[dist.rank()::dist.world_size()]:
+        chunk, hits = samples[start:start + cfg.eval_batch_size], []
         batch = to_device(collator(chunk, prompt_only=True), device)
         if not task_specific:
             groups = {None: list(range(len(chunk)))}
@@ -163,7 +172,10 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
                                          pad_token_id=collator.tok.pad_id)
             for r, ids in zip(rows, new_ids.tolist()):
                 out[r] = collator.tok.decode(ids).strip()
-        preds += out
+        mine[start] = (out, hits)
+    done = {k: v for part in dist.gather(mine) for k, v in part.items()}
+    preds = [p for start in starts for p in done[start][0]]
+    hits = [h for start in starts for h in done[start][1]]
     return preds, (hits if identity == "selector" and task_specific and true_task < trained else None)
 
 
@@ -225,7 +237,7 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
     out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage.
     One run writes to a folder at a time (out/run.lock)."""
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
+    with run_lock(out):  # taken by rank 0 alone, which alone writes
         return _run_stages(model, method, tasks, collator, cfg, out, identity=identity, primary=primary,
                            resume=resume, device=device, run_info=run_info, argv=argv, skip_base=skip_base,
                            quiet=quiet)
@@ -257,6 +269,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
     elif (out / "results.json").is_file():
         raise FileExistsError(f"{out / 'results.json'} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing already written is overwritten)")
+    dist.barrier()  # every process has read the folder before rank 0 writes to it
 
     if done < 0:  # row 0: the base model; every adapter is still the identity
         if method.num_tasks == 0:
@@ -280,6 +293,8 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         curve = train_stage(model, method.trainable_parameters(), samples, collator, cfg, stage=stage,
                             projector=projector, label=f"stage {stage}/{len(plan)} {what}", method=method, task=k,
                             device=device, quiet=quiet)
+        for stat in method.statistics():  # data-driven state: the same sums on every process
+            dist.sum_(stat)
         method.end_task(k)
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
                       device=device, quiet=quiet, label=f"eval after stage {stage}")
