@@ -70,6 +70,8 @@ def parse_args(argv=None):
                    help="evaluate a run's saved adapters again into OUT/evaluations/ (the run's own command is reused)")
     p.add_argument("--stage", type=int, help="with --evaluate: which stage's adapters (default: the last finished)")
     p.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the base model (row 0 stays empty)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"],
+                   help="the frozen base's dtype (default: bf16 on CUDA, fp32 on CPU); adapters stay fp32")
     p.add_argument("--quiet", action="store_true")
     g = p.add_argument_group("real data (coin, cvit)")
     g.add_argument("--data-root", type=Path)
@@ -322,7 +324,8 @@ def build(args) -> Setup:
     device = torch.device(args.device)
     if device.type == "cuda" and dist.world_size() > 1:  # torchrun: this process's own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
 
     if mini:
         if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
@@ -363,7 +366,7 @@ def build(args) -> Setup:
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
     method = make_method(args.method, model, **hp)
     run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": identity,
-                "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task}
+                "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task, "dtype": dtype_name}
     if not mini:  # what defines a real-data experiment beyond the flags: the paths and what is in them
         paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
                  ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",

@@ -181,7 +181,7 @@ class BranchLoRALinear(AdapterLinear):
 
     def gates(self, x):  # (B, T, in) -> dense (B, T or 1, N), k non-zero per token
         g, idx = self.route(x)
-        return torch.zeros(*g.shape[:-1], self.num_branches, device=g.device).scatter(-1, idx, g)
+        return torch.zeros(*g.shape[:-1], self.num_branches, dtype=g.dtype, device=g.device).scatter(-1, idx, g)
 
     def real_tokens(self, x):
         mask = self.ctx.mask
@@ -192,7 +192,7 @@ class BranchLoRALinear(AdapterLinear):
         g = self.gates(x).expand(*x.shape[:-1], -1)  # (B, T, N), k non-zero per token
         if self.ctx.collect and self.training:
             mask = self.real_tokens(x)
-            w = g.detach() if mask is None else g.detach() * mask[..., None]
+            w = g.detach().float() if mask is None else g.detach().float() * mask[..., None]
             self.gate_mass += w.flatten(0, -2).sum(0)
             self.gate_tokens += w.sum()  # = number of real tokens, since each token's gates sum to 1
         # sum_{n in topk} g_n B_n (A x) = [B_1 .. B_N] (g_1 A x; ...; g_N A x): the N - k zero gates

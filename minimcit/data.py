@@ -298,8 +298,9 @@ class Collator:
     """Samples -> a batch dict: input_ids, attention_mask, pixel_values, instruction_mask (the
     question's tokens, which the task selector reads) and, for training, labels (answers and eos
     only). pixel_values stacks the images of the samples that have one, in order (None if none
-    has), as the model writes each image's features at its sample's image tokens. Right padding for training; left padding and no answer with `prompt_only=True`, the
-    prompts `Llava.generate` continues. `plain=True` uses the stage-1 template (image, then
+    has), as the model writes each image's features at its sample's image tokens. Right padding
+    for training; left padding and no answer with `prompt_only=True`, the prompts
+    `Llava.generate` continues. `plain=True` uses the stage-1 template (image, then
     caption) instead of the conversation."""
 
     def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, image_token_index: int, image_size: int,

@@ -28,7 +28,7 @@ ROBUST_FIXES = {
                  "(officially raw words, one best reference, and the two roles swapped)",
 }
 
-# --------------------------------------------------------------------------- the EvalAI answer processor (both protocols)
+# --------------------------------------------------------------------------- the EvalAI answer processor
 
 # ETrain/Eval/LLaVA/CoIN/m4c_evaluator.py, EvalAIAnswerProcessor (copied there from mmf, and in
 # turn from the VQA evaluation code), kept character for character.
@@ -138,7 +138,8 @@ def substring_match(pred: str, answer: str) -> float:
     return float(bool(a) and (f" {a} " in f" {p} " or (len(p) > 1 and f" {p} " in f" {a} ")))
 
 
-_LETTER = re.compile(r"^\(?([A-Za-z])(?:[).:]|$)|^([A-HJ-Z])\s")  # "B", "b.", "(B)", "b) cat", "B cat"; not "a cat", "I think"
+# "B", "b.", "(B)", "b) cat", "B cat"; not "a cat" or "I think"
+_LETTER = re.compile(r"^\(?([A-Za-z])(?:[).:]|$)|^([A-HJ-Z])\s")
 _LETTER_IN_TEXT = re.compile(r"\b(?:answer|option)\s*(?:is\s*)?:?\s*\(?([A-Za-z])\b(?!['’])", re.IGNORECASE)
 
 

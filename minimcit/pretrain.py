@@ -51,7 +51,8 @@ def pretrain_base(preset_name: str = "default", seed: int = 0, cache: Path | Non
     spec = p.base_spec()
     recipe = json.dumps({"preset": preset_name, "seed": seed, "spec": spec, "version": RECIPE_VERSION},
                         sort_keys=True)
-    folder = (cache or default_cache()) / f"minicoin-base-{preset_name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
+    digest = hashlib.sha1(recipe.encode()).hexdigest()[:10]
+    folder = (cache or default_cache()) / f"minicoin-base-{preset_name}-{digest}"
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     t0 = time.time()

@@ -76,9 +76,12 @@ def to_device(batch: dict, device) -> dict:
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; on CPU a no-op, so training and evaluation stay fp32 there."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+def autocast(device, model: Llava):
+    """bf16 autocast wherever the base model is held in bf16, on CUDA and on CPU alike, so a CPU
+    run with --dtype bf16 takes the path a GPU run takes (bf16 base, fp32 adapters and optimiser
+    state); an fp32 base runs without it."""
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type, torch.bfloat16, enabled=model.lm_head.weight.dtype == torch.bfloat16)
 
 
 def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
@@ -113,7 +116,7 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         loss_value = torch.zeros((), dtype=torch.float64)
         for b in micro:
             ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
-            with autocast(device), ctx:
+            with autocast(device, model), ctx:
                 loss_sum, _ = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
                 loss = loss_sum / max(1, n_tokens)  # every answer token of the step counts once
                 extra = method.extra_loss(b, task) if method else None
@@ -166,7 +169,7 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
                 method.use_task(t)
             sub = select_rows(batch, rows, collator.img_id)
             ctx = method.batch_context(sub["attention_mask"]) if method else nullcontext()
-            with ctx, autocast(device):
+            with ctx, autocast(device, model):
                 new_ids = model.generate(sub["input_ids"], sub["pixel_values"], sub["attention_mask"],
                                          max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
                                          pad_token_id=collator.tok.pad_id)
@@ -377,6 +380,7 @@ def trained_projector(model: Llava, method: Method, cfg: TrainConfig) -> list[nn
     if any(n.startswith("multi_modal_projector.") for n in method.names):
         raise ValueError(f"--train-projector: {type(method).__name__} already adapts the projector "
                          "(its linears hold adapters); drop the flag")
+    model.multi_modal_projector.float()  # trained weights and their AdamW state in fp32, as the adapters
     params = list(model.multi_modal_projector.parameters())
     for p in params:
         p.requires_grad_(True)

@@ -152,3 +152,30 @@ def test_train_projector_is_refused_where_the_method_adapts_the_projector():
     params = train.trained_projector(model, method, TrainConfig(train_projector=True))
     assert params and all(p.requires_grad for p in params)
     assert not any(p.requires_grad for p in model.language_model.parameters())
+
+
+@pytest.mark.parametrize("name", ["seqlora", "dirlora", "joint", "moelora", "branchlora", "lilora"])
+def test_bf16_on_cpu_one_step_and_one_generation(name, collator):
+    """The path a GPU run takes, on CPU: a bf16 base under bf16 autocast, fp32 adapters and AdamW
+    state; the step moves the adapters and leaves the base alone, and generation runs."""
+    model = tiny_llava().to(torch.bfloat16)
+    hp = dict(num_branches=4) if name == "branchlora" else {}
+    method = make_method(name, model, r=8, lora_alpha=16, verbose=False, **hp)
+    method.start_task(0)
+    randomise(method.trainable_parameters(), seed=1, std=0.05)
+    assert all(p.dtype == torch.float32 for p in method.adapter_parameters())
+    base = {k: v.clone() for k, v in model.state_dict().items() if v.dtype == torch.bfloat16}
+    before = [p.detach().clone() for p in method.trainable_parameters()]
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2)
+    projector = train.trained_projector(model, method, TrainConfig(train_projector=name != "lilora"))
+    curve = train_stage(model, method.trainable_parameters(), samples(4), collator, cfg, stage=1, label=name,
+                        method=method, quiet=True, projector=projector)
+    assert math.isfinite(curve[-1][1])
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.trainable_parameters()))
+    assert all(p.dtype == torch.float32 for p in method.trainable_parameters() + projector)
+    for k, v in model.state_dict().items():
+        if k in base and not k.startswith("multi_modal_projector"):
+            assert torch.equal(v, base[k]), k  # the frozen base did not move
+    preds, _ = predict(model, samples(2), collator, TrainConfig(eval_batch_size=2, max_new_tokens=3), method=method,
+                       trained=1)
+    assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
