@@ -38,11 +38,14 @@ from minimcit.train import TrainConfig, evaluate, rescore, run_continual
 # lr 2e-4, projector trained at 2e-5, 1 epoch, warm-up 0.03, cosine, no weight decay, 14 per device x 8
 # GPUs x 8 accumulation steps = 896 per step, bf16 on GPU. LiLoRA (scripts/LiLoRA/Train/train_task.sh):
 # lr 2e-5, weight decay 0.01, projector not trained (LiLoRA adapts it), 8 per device x 2 accumulation
-# steps x 4 GPUs = 64 per step. Here the global batch is batch_size x grad_accum.
+# steps x 4 GPUs = 64 per step. Both group batches by modality and length and decode images in 4
+# DataLoader workers. Here the global batch is batch_size x grad_accum, on any number of processes.
 COIN_RECIPE = dict(epochs=1, batch_size=14, grad_accum=64, lr=2e-4, warmup_ratio=0.03, weight_decay=0.0,
-                   train_projector=True, projector_lr=2e-5, eval_batch_size=16, max_new_tokens=32)
+                   train_projector=True, projector_lr=2e-5, eval_batch_size=16, max_new_tokens=32,
+                   group_by_modality_length=True, num_workers=4)
 LILORA_RECIPE = dict(epochs=1, batch_size=8, grad_accum=8, lr=2e-5, warmup_ratio=0.03, weight_decay=0.01,
-                     train_projector=False, eval_batch_size=16, max_new_tokens=32)
+                     train_projector=False, eval_batch_size=16, max_new_tokens=32, group_by_modality_length=True,
+                     num_workers=4)
 ADAPTER_DROPOUT = 0.05  # on the adapter input, as all three reference codebases train on real data
 
 
@@ -318,7 +321,6 @@ def build(args) -> Setup:
     """Everything a run needs from its flags: tasks, model, tokenizer, method, recipe."""
     hp = method_hparams(args)  # refuse bad flags before minutes of loading or pre-training
     identity = task_identity(args)
-    torch.manual_seed(args.seed)
     mini = args.tasks.startswith("mini")
     cfg = train_config(args)
     device = torch.device(args.device)
@@ -364,6 +366,8 @@ def build(args) -> Setup:
         raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
                          f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
     collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size)
+    # Adapters built at injection draw from the seed here, whatever ran before (stage 1 on a cache miss).
+    torch.manual_seed(args.seed)
     method = make_method(args.method, model, **hp)
     run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": identity,
                 "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task, "dtype": dtype_name}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -44,6 +45,8 @@ class TrainConfig:
     max_new_tokens: int = 32
     gradient_checkpointing: bool = False
     train_projector: bool = False
+    group_by_modality_length: bool = False  # LLaVA's batching: one modality per step, lengths sorted within
+    num_workers: int = 0  # DataLoader processes decoding images; the batches are the same for any number
     projector_lr: float | None = None  # the projector's own rate when trained (CoIN: 2e-5); None: lr
     seed: int = 0
 
@@ -84,6 +87,21 @@ def autocast(device, model: Llava):
     return torch.autocast(device_type, torch.bfloat16, enabled=model.lm_head.weight.dtype == torch.bfloat16)
 
 
+def modality_length_order(perm: list, samples: list[Sample], per_step: int, g: torch.Generator) -> list:
+    """LLaVA's group_by_modality_length, made independent of the number of processes: the epoch's
+    order split by modality (with an image, text-only), cut into steps, each step's samples sorted
+    longest first (so micro-batches pad little), the steps shuffled, and the two modalities' last,
+    partial steps joined at the end."""
+    length = [len(s.question) + len(s.answer) + sum(len(q) + len(a) for q, a in s.later_turns) for s in samples]
+    full, rest = [], []
+    for group in ([i for i in perm if samples[i].image is not None], [i for i in perm if samples[i].image is None]):
+        for k in range(0, len(group), per_step):
+            chunk = sorted(group[k:k + per_step], key=lambda i: -length[i])
+            (full if len(chunk) == per_step else rest).append(chunk)
+    full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+    return [i for chunk in full for i in chunk] + sorted((i for c in rest for i in c), key=lambda i: -length[i])
+
+
 def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
@@ -96,7 +114,10 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     g = torch.Generator().manual_seed(cfg.seed * 1000 + stage)
     per_step = cfg.batch_size * cfg.grad_accum
     total = max(1, math.ceil(len(samples) * cfg.epochs / per_step))
-    order = torch.cat([torch.randperm(len(samples), generator=g) for _ in range(math.ceil(cfg.epochs) + 1)])
+    epochs = [torch.randperm(len(samples), generator=g).tolist() for _ in range(math.ceil(cfg.epochs) + 1)]
+    if cfg.group_by_modality_length:
+        epochs = [modality_length_order(perm, samples, per_step, g) for perm in epochs]
+    order = [i for perm in epochs for i in perm]
     groups = [{"params": list(params)}]
     if projector:
         groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr})
@@ -107,10 +128,19 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
     rank, world = dist.rank(), dist.world_size()
+    steps = []  # per step: every micro-batch of the step, and those this process takes
     for step in range(total):
-        idx = order[step * per_step:(step + 1) * per_step].tolist()
+        idx = order[step * per_step:(step + 1) * per_step]
         chunks = [idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)]
-        micro = [to_device(collator([samples[i] for i in chunk]), device) for chunk in chunks[rank::world]]
+        steps.append((chunks, chunks[rank::world]))
+    # Images are decoded in DataLoader workers while the model trains; the batches are fixed above,
+    # so the worker count changes nothing but speed.
+    loader = iter(torch.utils.data.DataLoader(
+        samples, batch_sampler=[c for _, mine in steps for c in mine], collate_fn=collator,
+        num_workers=min(cfg.num_workers, os.cpu_count() or 1), pin_memory=str(device).startswith("cuda"),
+        prefetch_factor=4 if cfg.num_workers else None))
+    for step, (chunks, mine) in enumerate(steps):
+        micro = [to_device(next(loader), device) for _ in mine]
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         n_tokens = int(dist.sum_(torch.tensor(float(local))).item())  # the step's answer tokens, every process
         loss_value = torch.zeros((), dtype=torch.float64)

@@ -133,7 +133,7 @@ def coin_run(tmp_path, *extra):
     word_tokenizer(folder, 120)
     return data, images, ["--method", "seqlora", "--tasks", "coin", "--data-root", str(data), "--image-root",
                           str(images), "--model", str(folder), "--r", "4", "--lora-alpha", "8", "--quiet",
-                          "--max-new-tokens", "2", *extra]
+                          "--max-new-tokens", "2", "--num-workers", "0", *extra]
 
 
 def test_rescore_rebuilds_both_matrices_from_the_saved_predictions(tmp_path, cache, capsys):
@@ -494,3 +494,14 @@ def test_a_disk_that_fills_mid_run_ends_in_a_message(tmp_path, capsys, monkeypat
     r = load(out)  # what was written before stays whole
     assert len(r["acc_matrix"]) == 2 and (out / "checkpoints" / "after_stage_1.pt").is_file()
     assert not list(out.rglob("*.tmp")) and not (out / "run.lock").exists()
+
+
+def test_a_run_is_the_same_whether_or_not_it_built_the_cached_base(tmp_path):
+    """Stage 1 draws random numbers; the adapters built after it must not depend on whether it ran
+    in this process (a cache miss) or earlier (a hit)."""
+    cache = tmp_path / "fresh"
+    args = ["--method", "branchlora", *SMOKE, "--cache", str(cache)]
+    assert run.main([*args, "--out", str(tmp_path / "miss")]) == 0  # builds the base first
+    assert run.main([*args, "--out", str(tmp_path / "hit")]) == 0
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "after_stage_6.pt", weights_only=True) for d in ("miss", "hit"))
+    assert all(torch.equal(a["adapters"][k], b["adapters"][k]) for k in a["adapters"])

@@ -179,3 +179,32 @@ def test_bf16_on_cpu_one_step_and_one_generation(name, collator):
     preds, _ = predict(model, samples(2), collator, TrainConfig(eval_batch_size=2, max_new_tokens=3), method=method,
                        trained=1)
     assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
+
+
+def test_the_same_batches_whatever_the_worker_count(collator):
+    """Images decoded in DataLoader workers: the batches are fixed by the seed, so 0 and 2 workers
+    train to bit-identical adapters."""
+    data = samples(8)
+    final = []
+    for workers in (0, 2):
+        model, method = lora_model()
+        cfg = TrainConfig(epochs=2, batch_size=2, grad_accum=2, lr=1e-2, num_workers=workers)
+        train_stage(model, method.trainable_parameters(), data, collator, cfg, stage=1, label="t", quiet=True)
+        final.append([p.detach().clone() for p in method.trainable_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*final))
+
+
+def test_group_by_modality_length_by_hand():
+    img = Image.new("RGB", (8, 8))
+    # 6 with an image (lengths 1..6 characters of question), 3 text-only (lengths 7..9)
+    data = [Sample("t", "q" * n, "", image=img) for n in range(1, 7)] + [Sample("t", "q" * n, "") for n in (7, 8, 9)]
+    perm = [8, 0, 5, 2, 7, 1, 3, 6, 4]
+    order = train.modality_length_order(perm, data, per_step=2, g=torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(9))  # every sample once
+    steps = [order[k:k + 2] for k in range(0, 8, 2)]
+    # image samples in perm order 0,5,2,1,3,4 -> steps [0,5],[2,1],[3,4] sorted longest first: [5,0],[2,1],[4,3];
+    # text-only 8,7,6 -> [8,7] full, [6] left over; the leftovers join at the end.
+    assert sorted(map(tuple, steps)) == sorted([(5, 0), (2, 1), (4, 3), (8, 7)])
+    assert order[-1] == 6
+    for s in steps:  # one modality per step
+        assert len({data[i].image is None for i in s}) == 1
