@@ -47,7 +47,7 @@ def main():
                      r["acc_matrix"][0], r["acc_matrix"][-1]))
         print(f"{method}: done in {time.time() - t0:.0f}s", file=sys.stderr)
     tasks = json.loads(results.read_text())["tasks"]
-    print(f"| method | AP | MAP | BWT | ACC | MIF | selector acc | trainable | total added | train+eval s |")
+    print("| method | AP | MAP | BWT | ACC | MIF | selector acc | trainable | total added | train+eval s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for m, ap, map_, bwt, acc, mif, sel, tr, tot, sec, _, _ in rows:
         print(f"| {m} | {ap:.1f} | {map_:.1f} | {bwt:.1f} | {acc:.1f} | {mif:.1f} | "
