@@ -177,6 +177,11 @@ def validate(args) -> None:
         raise ValueError("--device cuda: this torch build sees no CUDA device")
 
 
+def missing_flags(args, names) -> list[str]:
+    """The flags among `names` (argparse attribute names) that were not given, as typed."""
+    return [f"--{a.replace('_', '-')}" for a in names if getattr(args, a) is None]
+
+
 def out_folder(args) -> Path:
     mini = args.tasks.startswith("mini")
     return args.out or Path("runs") / f"{args.method}-{args.tasks}-{args.preset if mini else 'paper'}"
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
             return rescore_run(args.rescore)
         if args.evaluate:
             return evaluate_run(args.evaluate, args.stage)
-        missing = [f"--{a}" for a in ("method", "tasks") if getattr(args, a) is None]
+        missing = missing_flags(args, ("method", "tasks"))
         if args.check_data:
             return check_data(args)
         if missing:
@@ -232,7 +237,7 @@ def rescore_run(out: Path) -> int:
 def check_data(args) -> int:
     if args.tasks not in ("coin", "cvit"):
         raise ValueError("--check-data checks real data: use it with --tasks coin or cvit")
-    missing = [f"--{a.replace('_', '-')}" for a in ("data_root", "image_root") if getattr(args, a) is None]
+    missing = missing_flags(args, ("data_root", "image_root"))
     if missing:
         raise ValueError(f"--check-data needs {', '.join(missing)}")
     table, faults, notes = check_benchmark(args.tasks, args.data_root, args.image_root, args.instructions,
@@ -341,7 +346,7 @@ def build(args) -> Setup:
         tok_path = model_path
     else:
         needed = ("image_root", "model") if args.tasks == "custom" else ("data_root", "image_root", "model")
-        missing = [f"--{a.replace('_', '-')}" for a in needed if getattr(args, a) is None]
+        missing = missing_flags(args, needed)
         if missing:
             raise ValueError(f"--tasks {args.tasks} needs {', '.join(missing)}")
         if args.tasks == "custom":

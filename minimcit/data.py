@@ -220,14 +220,20 @@ def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = 
         if not folder.is_dir():
             raise FileNotFoundError(f"missing task folder: {folder} ({name} needs {[t for t, _ in order]})")
         by_id = read_textvqa_answers(ann) if ann is not None and ann.is_file() else None
-        t = Task(task, scorer, task, _train_samples(folder / "train.json", task, image_root, max_per_task),
-                 _test_samples(test_file, task, scorer, image_root, max_test or max_per_task, by_id),
-                 test_file=str(test_file))
-        for split, path in (("train", folder / "train.json"), ("test", test_file)):
-            if not getattr(t, split):
-                raise ValueError(f"{path}: no items")
-        tasks.append(t)
+        tasks.append(_load_task(task, scorer, task, folder, test_file, image_root, max_per_task,
+                                max_test or max_per_task, by_id))
     return tasks
+
+
+def _load_task(name: str, scorer: str, official, folder: Path, test_file: Path, image_root: Path, cap, test_cap,
+               answers_by_id=None) -> Task:
+    """One task from `folder/train.json` and `test_file`; an empty split is an error naming its file."""
+    t = Task(name, scorer, official, _train_samples(folder / "train.json", name, image_root, cap),
+             _test_samples(test_file, name, scorer, image_root, test_cap, answers_by_id), test_file=str(test_file))
+    for split, path in (("train", folder / "train.json"), ("test", test_file)):
+        if not getattr(t, split):
+            raise ValueError(f"{path}: no items")
+    return t
 
 
 SCORER_NAMES = ("letter", "vqa", "substring", "exact", "box", "caption")
@@ -253,10 +259,8 @@ def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_te
     for folder in folders:
         scorer = scorers.get(folder.name, "exact")
         test_file = folder / "test.json" if (folder / "test.json").is_file() else folder / "val.json"
-        tasks.append(Task(folder.name, scorer, folder.name if folder.name in OFFICIAL_RULES else None,
-                          _train_samples(folder / "train.json", folder.name, image_root, max_per_task),
-                          _test_samples(test_file, folder.name, scorer, image_root, max_test or max_per_task),
-                          test_file=str(test_file)))
+        tasks.append(_load_task(folder.name, scorer, folder.name if folder.name in OFFICIAL_RULES else None, folder,
+                                test_file, image_root, max_per_task, max_test or max_per_task))
     return tasks
 
 

@@ -131,6 +131,11 @@ def write_predictions(out: Path, stage: int, items: dict) -> None:
         return
     folder = out / "predictions" / f"stage_{stage}"
     folder.mkdir(parents=True, exist_ok=True)
+    _write_items(folder, items)
+
+
+def _write_items(folder: Path, items: dict) -> None:
+    """<task>.jsonl in `folder`, one per-item record a line."""
     for task, records in items.items():
         text = "".join(json.dumps(r) + "\n" for r in records)
         atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
@@ -148,9 +153,7 @@ def write_evaluation(out: Path, stage: int, ev, primary: str, argv: list) -> Pat
         n += 1
         folder = root / f"stage_{stage}.{n}"
     folder.mkdir(parents=True)
-    for task, records in ev.items.items():
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(folder / f"{task}.jsonl", lambda tmp, text=text: Path(tmp).write_text(text))
+    _write_items(folder, ev.items)
     summary = {"stage": stage, "protocol": primary, "row": ev.rows[primary],
                **{f"row_{p}": row for p, row in ev.rows.items() if p != primary}, "format_row": ev.format,
                "selector_accuracy": round(100 * sum(ev.hits) / len(ev.hits), 2) if ev.hits else None, "argv": argv}

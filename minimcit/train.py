@@ -215,6 +215,17 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
 PROTOCOLS = ("official", "robust")
 
 
+def suffix(primary: str, protocol: str) -> str:
+    """Where a protocol's numbers sit in results.json: `acc_matrix` and `summary` for the primary
+    one, `acc_matrix_<protocol>` and `summary_<protocol>` for the other."""
+    return "" if protocol == primary else f"_{protocol}"
+
+
+def empty_row(n: int) -> tuple[dict, list]:
+    """A row of n unscored tasks for every protocol and the format matrix (--skip-base-eval)."""
+    return {p: [None] * n for p in PROTOCOLS}, [None] * n
+
+
 @dataclass
 class Evaluation:
     """One evaluation of every task: a row of each protocol's matrix and of the format matrix
@@ -309,7 +320,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             start_task(method, 0, cfg)
         results["params"] = params_of(method)  # as the first task starts training
         if skip_base:  # row 0 left empty: every metric but FWT stands without it
-            add_rows(results, {p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), 1)
+            add_rows(results, *empty_row(len(tasks)), 1)
         else:
             ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet, label="eval base")
             write_predictions(out, 0, ev.items)
@@ -354,8 +365,7 @@ def add_rows(results: dict, rows: dict, fmt: list, copies: int) -> None:
     """Append one evaluation's row to each protocol's matrix and the format matrix, `copies` times
     (a stage that trained several tasks at once stands for each of them)."""
     for p, row in rows.items():
-        key = "acc_matrix" if p == results["protocol"] else f"acc_matrix_{p}"
-        results[key] += [row] * copies
+        results[f"acc_matrix{suffix(results['protocol'], p)}"] += [row] * copies
     results["format_matrix"] += [fmt] * copies
 
 
@@ -363,10 +373,10 @@ def summarise(results: dict) -> None:
     """The continual metrics of each protocol once the run is complete; None for a protocol with
     a cell it could not score (e.g. official TextVQA without its ten answers)."""
     for p in PROTOCOLS:
-        suffix = "" if p == results["protocol"] else f"_{p}"
-        matrix = results[f"acc_matrix{suffix}"]
+        where = suffix(results["protocol"], p)
+        matrix = results[f"acc_matrix{where}"]
         ok = results["complete"] and all(v is not None for row in matrix[1:] for v in row)
-        results[f"summary{suffix}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
+        results[f"summary{where}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
 
 
 def rescore(out: Path) -> dict:
@@ -374,13 +384,12 @@ def rescore(out: Path) -> dict:
     predictions, with no model (after a scorer changes, or to check a number)."""
     results = json.loads((out / "results.json").read_text())
     scoring, tasks = results["scoring"], results["tasks"]
-    other = next(p for p in PROTOCOLS if p != results["protocol"])
-    results.update({"acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": []})
+    results.update({f"acc_matrix{suffix(results['protocol'], p)}": [] for p in PROTOCOLS}, format_matrix=[])
     for stage, copies in enumerate([1] + [len(s) for s in results["stages"]]):
         folder = out / "predictions" / f"stage_{stage}"
         if not folder.is_dir():
             if stage == 0:  # --skip-base-eval
-                add_rows(results, {p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), 1)
+                add_rows(results, *empty_row(len(tasks)), 1)
                 continue
             break
         rows, fmt = {p: [] for p in PROTOCOLS}, []
