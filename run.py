@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minimcit import distributed as dist
-from minimcit.adapters import METHODS, make_method
+from minimcit.methods import DORA, METHODS, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
@@ -106,6 +106,15 @@ def parse_args(argv=None):
                    help="lilora, as its released code")
     h.add_argument("--use-selector", action="store_true", default=None,
                    help="dirlora / lilora: train the task selector too")
+    h.add_argument("--dora", action="store_true", default=None,
+                   help="weight-decomposed LoRA (DoRA) for " + ", ".join(sorted(DORA)))
+    h.add_argument("--replay-share", type=float, help="replay: share of each earlier task's training data kept (0.01)")
+    h.add_argument("--ewc-lambda", type=float, help="ewc: lambda of the penalty (400)")
+    h.add_argument("--fisher-samples", type=int, help="ewc: samples per task for the Fisher (64)")
+    h.add_argument("--lwf-lambda", type=float, help="lwf: lambda of the distillation term (1.0)")
+    h.add_argument("--temperature", type=float, help="lwf: softmax temperature T (2.0)")
+    h.add_argument("--olora-lambda1", type=float, help="olora: weight of the orthogonality term (0.5)")
+    h.add_argument("--olora-lambda2", type=float, help="olora: weight of the new LoRA's L2 term (0)")
     t = p.add_argument_group("training (defaults: the benchmark's recipe)")
     for f in fields(TrainConfig):
         if f.name == "seed":
@@ -124,7 +133,13 @@ METHOD_OPTIONS = {  # flags that belong to one method; giving one to another met
     "branchlora": {"num_branches", "top_k", "route", "freeze_trunk_after_first_task"},
     "lilora": {"r_task", "reg_weight", "freeze_basis_after_first_task", "use_selector"},
     "dirlora": {"use_selector"},
+    "replay": {"replay_share"},
+    "ewc": {"ewc_lambda", "fisher_samples"},
+    "lwf": {"lwf_lambda", "temperature"},
+    "olora": {"olora_lambda1", "olora_lambda2"},
 }
+for _m in DORA:
+    METHOD_OPTIONS.setdefault(_m, set()).add("dora")
 
 
 def method_hparams(args) -> dict:
@@ -159,7 +174,8 @@ def validate(args) -> None:
                 "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
                 "max_new_tokens": args.max_new_tokens, "r": args.r, "num_branches": args.num_branches,
-                "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task}
+                "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task,
+                "fisher_samples": args.fisher_samples, "temperature": args.temperature}
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimcit.adapters import make_method  # noqa: E402
+from minimcit.methods import make_method  # noqa: E402
 from minimcit.model import Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 TINY = LlavaConfig(vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,

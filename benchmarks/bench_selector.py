@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimcit.adapters import make_method  # noqa: E402
+from minimcit.methods import make_method  # noqa: E402
 from minimcit.minicoin import PRESETS  # noqa: E402
 from minimcit.model import Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from minimcit.selector import sample_embeddings  # noqa: E402

@@ -1,6 +1,6 @@
-"""All six methods on MiniCoIN in one run: the README's results table.
+"""Every method on MiniCoIN in one run: the README's results table.
 
-    python benchmarks/minicoin_table.py                  # default preset, 2-core CPU, 32 min
+    python benchmarks/minicoin_table.py                  # default preset, 2-core CPU, about 55 min
     python benchmarks/minicoin_table.py --preset smoke   # seconds, a check of the script itself
 
 Each method runs through run.py into runs/table-<preset>/<method>/ (an existing complete run is
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import run  # noqa: E402
 
-ORDER = ["seqlora", "moelora", "branchlora", "dirlora", "lilora", "joint"]
+ORDER = ["seqlora", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "dirlora", "lilora", "joint"]
 
 
 def main():
@@ -27,9 +27,10 @@ def main():
     p.add_argument("--tasks", default="minicoin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "runs")
+    p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
     args = p.parse_args()
     rows = []
-    for method in ORDER:
+    for method in args.methods:
         out = args.out / f"table-{args.tasks}-{args.preset}" / method
         results = out / "results.json"
         t0 = time.time()

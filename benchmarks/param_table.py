@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimcit.adapters import parameter_report  # noqa: E402
+from minimcit.methods import parameter_report  # noqa: E402
 from minimcit.model import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 LLAVA_7B = LlavaConfig(

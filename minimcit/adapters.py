@@ -20,37 +20,72 @@ import torch.nn.functional as F
 from torch import nn
 
 from .method import AdapterLinear, Method, kaiming
-from .model import Llava
 
 # --------------------------------------------------------------------------- LoRA: SeqLoRA, DirLoRA, joint
 
 
 class LoRALinear(AdapterLinear):
-    """y = W0 x + s B_t A_t x; one (A, B) pair per task added (DirLoRA) or just one (SeqLoRA)."""
+    """y = W0 x + s B_t A_t x; one (A, B) pair per task added (DirLoRA) or just one (SeqLoRA).
 
-    def __init__(self, base, r: int, alpha: float):
+    dora=True: DoRA's weight decomposition (Liu et al. 2024, Eq. 5), as peft's DoraLinearLayer
+    computes it: W' = m * (W0 + s B A) / ||W0 + s B A||, the norm per output row and detached
+    in the forward (DoRA §4.3), and a magnitude m (out,) per pair, starting at ||W0|| (B = 0)."""
+
+    def __init__(self, base, r: int, alpha: float, dora: bool = False):
         super().__init__(base, r, alpha)
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
+        self.dora = dora
+        self.lora_magnitude = nn.ParameterList()  # DoRA's m_t (out,); empty without DoRA
 
     def add_task(self) -> None:
-        for p in (*self.lora_A, *self.lora_B):
+        for p in (*self.lora_A, *self.lora_B, *self.lora_magnitude):
             p.requires_grad_(False)  # DirLoRA: an earlier task's pair is frozen
         self.lora_A.append(kaiming(self.zeros(self.r, self.in_features)))  # A (r, in) Kaiming-uniform
         self.lora_B.append(self.zeros(self.out_features, self.r))  # B (out, r) zeros: identity at init
+        if self.dora:
+            self.lora_magnitude.append(nn.Parameter(torch.linalg.norm(self.weight.detach().float(), dim=1)))  # ||W0||
 
     def delta(self, x):
         return self.scaling * F.linear(F.linear(self.drop(x), self.lora_A[self.task]), self.lora_B[self.task])
 
+    def weight_norm(self):  # ||W0 + s B A|| per output row, (out,)
+        return torch.linalg.norm(self.weight.float() + self.scaling * self.lora_B[self.task] @ self.lora_A[self.task], dim=1)
+
+    def forward(self, x):
+        if not self.dora or self.merged:
+            return super().forward(x)
+        y = F.linear(x, self.weight, self.bias)
+        scale = self.lora_magnitude[self.task] / self.weight_norm().detach()  # DoRA Eq. 5: m / ||W0 + s B A||
+        xd = self.drop(x.to(torch.float32))
+        if self.training and self.dropout:  # peft: with dropout, the base product of the dropped input
+            base = F.linear(xd.to(self.weight.dtype), self.weight).float()
+        else:
+            base = (y if self.bias is None else y - self.bias).float()
+        lora = self.scaling * F.linear(F.linear(xd, self.lora_A[self.task]), self.lora_B[self.task])
+        return y + ((scale - 1) * base + scale * lora).to(y.dtype)  # = m/||.|| (W0 + s B A) x + b
+
     def delta_weight(self):
-        return self.scaling * self.lora_B[self.task] @ self.lora_A[self.task]  # (out, in)
+        delta = self.scaling * self.lora_B[self.task] @ self.lora_A[self.task]  # (out, in)
+        if not self.dora:
+            return delta
+        w = self.weight.float() + delta
+        return (self.lora_magnitude[self.task] / self.weight_norm())[:, None] * w - self.weight.float()  # W' - W0
 
 
-class SeqLoRA(Method):
-    """One LoRA trained on every task in turn."""
+class LoRAMethod(Method):
+    """The LoRA family's shared option: --dora, weight-decomposed layers."""
+
+    def __init__(self, model, *, dora: bool = False, **kw):
+        self.dora = dora
+        super().__init__(model, **kw)
 
     def make_layer(self, base):
-        return LoRALinear(base, self.r, self.alpha)
+        return LoRALinear(base, self.r, self.alpha, self.dora)
+
+
+class SeqLoRA(LoRAMethod):
+    """One LoRA trained on every task in turn."""
 
     def add_task_parameters(self, t):
         if t == 0:
@@ -68,13 +103,10 @@ class Joint(SeqLoRA):
         return [list(range(num_tasks))]
 
 
-class DirLoRA(Method):
+class DirLoRA(LoRAMethod):
     """A new LoRA per task, earlier ones frozen: the expansion upper bound."""
 
     task_specific = True
-
-    def make_layer(self, base):
-        return LoRALinear(base, self.r, self.alpha)
 
     def add_task_parameters(self, t):
         for layer in self.layers:
@@ -238,7 +270,7 @@ class BranchLoRA(Method):
             # Decision (SPEC): the trunk A stays trainable on every task unless asked otherwise.
             layer.lora_A.requires_grad_(not (self.freeze_trunk_after_first_task and t > 0))
 
-    def end_task(self, t):
+    def end_task(self, t, sample_losses=None):
         for layer in self.layers:
             layer.freeze_most_used()
 
@@ -338,39 +370,9 @@ class LiLoRA(Method):
             # The released code trains B0 on the first task only; the paper's Algorithm 1 on every task.
             layer.lora_B0.requires_grad_(not (self.freeze_basis_after_first_task and t > 0))
 
-    def extra_loss(self, batch, task):
+    def extra_loss(self, batch, task, logits=None):
         losses = [] if (align := super().extra_loss(batch, task)) is None else [align]
         if self.num_tasks > 1 and not self.freeze_basis_after_first_task:
             reg = sum(layer.reg_loss() for layer in self.layers)  # L_reg summed over layers (Decision)
             losses.append(self.reg_weight * reg)  # LiLoRA Eq. 8: L = L_task + lambda L_reg
         return sum(losses) if losses else None
-
-
-# --------------------------------------------------------------------------- the methods by name
-
-METHODS = {"seqlora": SeqLoRA, "dirlora": DirLoRA, "joint": Joint, "moelora": MoELoRA,
-           "branchlora": BranchLoRA, "lilora": LiLoRA}
-
-
-def make_method(name: str, model, **hparams) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](model, **hparams)
-
-
-def parameter_report(config, method: str, num_tasks: int, **hparams) -> dict:
-    """Parameter counts of `method` on a model of `config`, built on the meta device (a 7B
-    shape costs no memory): `trainable` while the first task trains, `total_added` after
-    `num_tasks` tasks (TP), `per_task` added by each task after the first (EP). A fully
-    trained projector is not an adapter and is not counted."""
-    with torch.device("meta"):
-        model = Llava(config)
-    m = make_method(method, model, verbose=False, **hparams)
-    added = []  # adapter parameters after each task has started
-    for t in range(max(num_tasks, 2)):
-        m.start_task(t)
-        if t == 0:
-            trainable = sum(p.numel() for p in m.trainable_parameters())
-        added.append(sum(p.numel() for p in m.adapter_parameters()))
-    return {"method": method, "trainable": trainable, "total_added": added[num_tasks - 1],
-            "per_task": added[1] - added[0], "first_task": added[0], "wrapped": len(m.names)}

@@ -3,8 +3,8 @@ s * delta(x), keeping W0's state-dict keys), injection by full module name, and 
 cycle `Method` runs. The four adapter families and their methods are in adapters.py.
 
 The life cycle: start_task (which calls the method's one hook, `add_task_parameters`) -> train
-(trainable parameters + extra_loss) -> end_task; then use_task / select_tasks at inference,
-merge, and parameter accounting. `stages` says which tasks each training stage sees.
+(train_samples, trainable parameters + extra_loss) -> end_task; then use_task / select_tasks at
+inference, merge, and parameter accounting. `stages` says which tasks each training stage sees.
 """
 
 from __future__ import annotations
@@ -147,16 +147,22 @@ class Method:
     def add_task_parameters(self, t: int) -> None:
         """The one hook a method fills in: create (and freeze) what task t needs."""
 
-    def end_task(self, t: int) -> None:
-        pass
+    def train_samples(self, stage_tasks: list[int], tasks: list, seed: int) -> list:
+        """What a stage trains on: its tasks' training samples (Replay adds its memory)."""
+        return [s for j in stage_tasks for s in tasks[j].train]
+
+    def end_task(self, t: int, sample_losses=None) -> None:
+        """After task t trained. `sample_losses(n)` yields the losses of n of its training
+        samples, one at a time, for methods that measure the task's data (EWC's Fisher)."""
 
     def statistics(self) -> list:
         """Tensors a method accumulates from the data it trains on (summed over processes under
         torchrun before end_task reads them)."""
         return []
 
-    def extra_loss(self, batch: dict, task: int):
-        """Method losses added to L_task, already weighted (None when there are none)."""
+    def extra_loss(self, batch: dict, task: int, logits=None):
+        """Method losses added to L_task, already weighted (None when there are none). `logits`:
+        the training forward's answer logits (n, V), for methods that compare them (LwF)."""
         if self.selector is None:
             return None
         e_img, e_txt = sample_embeddings(self.model, batch["input_ids"], batch["pixel_values"],

@@ -438,18 +438,22 @@ class Llava(nn.Module):
         mask = attention_mask_4d(attention_mask, input_ids.shape[1], 0)
         return self.lm_head(self.language_model(x, positions, mask))
 
-    def loss(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
-        """Summed next-token cross-entropy over labelled tokens, and their count.
-        lm_head runs only where a label is set: in LLaVA data most positions are prompt and
-        image tokens, so this skips most of the vocabulary projection. Returning the sum lets a
-        training loop weight gradient accumulation by answer tokens."""
+    def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """Logits (n, V) at the n positions whose next token is labelled, and those tokens (n,).
+        lm_head runs only there: in LLaVA data most positions are prompt and image tokens, so
+        this skips most of the vocabulary projection."""
         x = self.embed(input_ids, pixel_values)
         h = self.language_model(x, _positions(attention_mask, input_ids),
                                 attention_mask_4d(attention_mask, input_ids.shape[1], 0))  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
         keep = target != IGNORE_INDEX
-        logits = self.lm_head(h[:, :-1][keep])  # (n, V)
-        return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
+        return self.lm_head(h[:, :-1][keep]), target[keep]  # (n, V), (n,)
+
+    def loss(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """Summed next-token cross-entropy over labelled tokens, and their count. Returning the
+        sum lets a training loop weight gradient accumulation by answer tokens."""
+        logits, target = self.answer_logits(input_ids, pixel_values, attention_mask, labels)
+        return F.cross_entropy(logits.float(), target, reduction="sum"), target.numel()
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,

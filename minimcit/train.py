@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
@@ -102,6 +103,44 @@ def modality_length_order(perm: list, samples: list[Sample], per_step: int, g: t
     return [i for chunk in full for i in chunk] + sorted((i for c in rest for i in c), key=lambda i: -length[i])
 
 
+def micro_step(model: Llava, method: Method | None, b: dict, n_tokens: int, n_micro: int, task: int, device):
+    """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens over its
+    `n_micro` micro-batches; gradients accumulate in .grad. Returns the micro-batch's share of the
+    step's loss (detached). benchmarks/bench_7b.py measures this very function at the 7B shape."""
+    ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
+    with autocast(device, model), ctx:
+        logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(1, n_tokens)  # each answer token once
+        extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
+        if extra is not None:
+            loss = loss + extra / n_micro
+    loss.backward()
+    return loss.detach()
+
+
+def sample_losses(model: Llava, method: Method, samples: list[Sample], collator: Collator, seed: int, device):
+    """n -> the losses (mean over each one's answer tokens) of n of `samples` drawn from `seed`,
+    one sample per forward, dropout off, gradients on: what end_task gets to measure a task's
+    data with (EWC's Fisher). Every process draws the same samples, so state agrees."""
+    def losses(n: int):
+        g = torch.Generator().manual_seed(seed)
+        model.eval()
+        for i in torch.randperm(len(samples), generator=g)[:n].tolist():
+            b = to_device(collator([samples[i]]), device)
+            with autocast(device, model), method.batch_context(b["attention_mask"]):
+                loss_sum, count = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+            yield loss_sum / max(1, count)
+    return losses
+
+
+def optimizer(params, projector, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the adapters at cfg.lr and the projector, if trained, at cfg.projector_lr."""
+    groups = [{"params": list(params)}]
+    if projector:
+        groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
 def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
@@ -118,11 +157,8 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     if cfg.group_by_modality_length:
         epochs = [modality_length_order(perm, samples, per_step, g) for perm in epochs]
     order = [i for perm in epochs for i in perm]
-    groups = [{"params": list(params)}]
-    if projector:
-        groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr})
-    params = [p for group in groups for p in group["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = optimizer(params, projector, cfg)
+    params = [p for group in opt.param_groups for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -145,15 +181,7 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         n_tokens = int(dist.sum_(torch.tensor(float(local))).item())  # the step's answer tokens, every process
         loss_value = torch.zeros((), dtype=torch.float64)
         for b in micro:
-            ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
-            with autocast(device, model), ctx:
-                loss_sum, _ = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-                loss = loss_sum / max(1, n_tokens)  # every answer token of the step counts once
-                extra = method.extra_loss(b, task) if method else None
-                if extra is not None:
-                    loss = loss + extra / len(chunks)
-            loss.backward()
-            loss_value += loss.item()
+            loss_value += micro_step(model, method, b, n_tokens, len(chunks), task, device).item()
         loss_value = float(dist.sum_(loss_value).item())
         if not math.isfinite(loss_value):  # decided on the summed value, so every process stops together
             raise FloatingPointError(f"{label}: loss is {loss_value} at step {step + 1}/{total}; stopping "
@@ -332,14 +360,14 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         k = stage - 1  # the method's task index of this stage
         if method.num_tasks <= k:
             start_task(method, k, cfg)
-        samples = [s for j in plan[k] for s in tasks[j].train]
+        samples = method.train_samples(plan[k], tasks, cfg.seed)
         what = names[plan[k][0]] if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
         curve = train_stage(model, method.trainable_parameters(), samples, collator, cfg, stage=stage,
                             projector=projector, label=f"stage {stage}/{len(plan)} {what}", method=method, task=k,
                             device=device, quiet=quiet)
         for stat in method.statistics():  # data-driven state: the same sums on every process
             dist.sum_(stat)
-        method.end_task(k)
+        method.end_task(k, sample_losses(model, method, samples, collator, cfg.seed * 1000 + 800 + k, device))
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
                       device=device, quiet=quiet, label=f"eval after stage {stage}")
         write_predictions(out, stage, ev.items)
@@ -419,9 +447,9 @@ def trained_projector(model: Llava, method: Method, cfg: TrainConfig) -> list[nn
     if any(n.startswith("multi_modal_projector.") for n in method.names):
         raise ValueError(f"--train-projector: {type(method).__name__} already adapts the projector "
                          "(its linears hold adapters); drop the flag")
-    model.multi_modal_projector.float()  # trained weights and their AdamW state in fp32, as the adapters
     params = list(model.multi_modal_projector.parameters())
-    for p in params:
+    for p in params:  # trained weights and their AdamW state in fp32, as the adapters
+        p.data = p.data.float()  # per tensor, not Module.float(), which fake tensors (bench_7b.py) refuse
         p.requires_grad_(True)
     return params
 

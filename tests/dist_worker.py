@@ -10,7 +10,7 @@ from test_adapters import tiny_llava
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from minimcit import distributed as dist
-from minimcit.adapters import make_method
+from minimcit.methods import make_method
 from minimcit.data import Collator
 from minimcit.minicoin import minicoin
 from minimcit.processing import TextTokenizer

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimcit import adapters
-from minimcit.adapters import (BranchLoRALinear, LiLoRALinear, LoRALinear, MoELoRALinear, RoutingContext,
-                               make_method, parameter_report)
+from minimcit.adapters import BranchLoRALinear, LiLoRALinear, LoRALinear, MoELoRALinear, RoutingContext
+from minimcit.methods import METHODS, make_method, parameter_report
 from minimcit.model import Llava, LlavaConfig, TextConfig, VisionConfig
 from minimcit.selector import TaskSelector
 
@@ -408,8 +408,8 @@ def test_placement_by_full_name_and_summary(capsys):
     assert len(m2.names) == 2 * 7 and not any("vision_tower" in n or "projector" in n for n in m2.names)
     with pytest.raises(ValueError, match="matches target"):
         make_method("seqlora", tiny_llava(), target=r"nothing\.here", verbose=False)
-    with pytest.raises(ValueError, match="unknown method 'ewc'"):
-        make_method("ewc", tiny_llava())
+    with pytest.raises(ValueError, match="unknown method 'si'"):
+        make_method("si", tiny_llava())
 
 
 def test_parameter_counts_equal_closed_form():
@@ -478,7 +478,7 @@ def test_rank_must_split_evenly_across_experts_and_branches():
 
 
 def test_stages_are_data_joint_is_one_stage_of_every_task():
-    for name in sorted(adapters.METHODS):
+    for name in sorted(METHODS):
         m = make_method(name, tiny_llava(), r=8, lora_alpha=16, num_branches=4, verbose=False) if name == "branchlora" \
             else make_method(name, tiny_llava(), r=8, lora_alpha=16, verbose=False)
         want = [[0, 1, 2]] if name == "joint" else [[0], [1], [2]]

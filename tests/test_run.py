@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import run
 from minimcit import runfolder, train
-from minimcit.adapters import make_method
+from minimcit.methods import make_method
 from minimcit.minicoin import PRESETS
 from minimcit.train import TrainConfig
 
@@ -54,7 +54,8 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
         assert r["params"]["total_added"] > r["params"]["trainable"]  # routers of earlier tasks, frozen
 
 
-@pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", [])])
+@pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", []),
+                                          ("ewc", []), ("lwf", ["--dora"]), ("replay", [])])
 def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, monkeypatch, capsys):
     args = ["--method", method, *SMOKE, "--cache", str(cache), *extra]
     assert run.main([*args, "--out", str(tmp_path / "whole")]) == 0
@@ -198,7 +199,7 @@ def test_check_data_finds_every_planted_fault(tmp_path, capsys):
 
 
 def test_unknown_method_or_task_exits_with_usage(capsys):
-    for argv in (["--method", "ewc", "--tasks", "minicoin"], ["--method", "lilora", "--tasks", "mnist"]):
+    for argv in (["--method", "si", "--tasks", "minicoin"], ["--method", "lilora", "--tasks", "mnist"]):
         with pytest.raises(SystemExit) as e:
             run.main(argv)
         assert e.value.code == 2
@@ -230,7 +231,11 @@ def test_a_numeric_training_flag_reaches_train_config_zero_included(name):
 @pytest.mark.parametrize("method,flag,name", [
     ("seqlora", "--r", "r"), ("seqlora", "--lora-alpha", "lora_alpha"), ("moelora", "--num-experts", "num_experts"),
     ("branchlora", "--num-branches", "num_branches"), ("branchlora", "--top-k", "top_k"),
-    ("lilora", "--r-task", "r_task"), ("lilora", "--reg-weight", "reg_weight")])
+    ("lilora", "--r-task", "r_task"), ("lilora", "--reg-weight", "reg_weight"),
+    ("replay", "--replay-share", "replay_share"), ("ewc", "--ewc-lambda", "ewc_lambda"),
+    ("ewc", "--fisher-samples", "fisher_samples"), ("lwf", "--lwf-lambda", "lwf_lambda"),
+    ("lwf", "--temperature", "temperature"), ("olora", "--olora-lambda1", "olora_lambda1"),
+    ("olora", "--olora-lambda2", "olora_lambda2")])
 def test_a_numeric_method_flag_reaches_the_method_zero_included(method, flag, name):
     for value in ("0", "2"):
         hp = run.method_hparams(run.parse_args(["--method", method, "--tasks", "minicoin", flag, value]))
@@ -366,6 +371,10 @@ def test_out_of_range_flags_are_refused(tmp_path, capsys, flags, message):
     ("branchlora", ["--top-k", "9"], "top_k must be between 1 and num_branches=8, got 9"),
     ("branchlora", ["--r", "10"], "r=10 must split evenly into num_branches=8"),
     ("seqlora", ["--max-per-task", "5"], "--max-per-task applies to real data"),
+    ("olora", ["--dora"], "--dora does not apply to --method olora"),
+    ("replay", ["--replay-share", "0"], "replay_share must be in (0, 1], got 0"),
+    ("ewc", ["--fisher-samples", "0"], "--fisher-samples must be positive"),
+    ("lwf", ["--temperature", "0"], "--temperature must be positive"),
 ])
 def test_method_flags_out_of_range_on_minicoin(tmp_path, cache, capsys, method, flags, message):
     assert run.main(["--method", method, *SMOKE, *flags, "--out", str(tmp_path / "o"), "--cache", str(cache)]) == 1

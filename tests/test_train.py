@@ -11,7 +11,7 @@ from test_adapters import randomise, tiny_llava
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from minimcit import train
-from minimcit.adapters import make_method
+from minimcit.methods import make_method
 from minimcit.data import Collator, Sample
 from minimcit.processing import TextTokenizer
 from minimcit.train import TrainConfig, lr_factor, predict, train_stage

@@ -1,0 +1,39 @@
+"""Every method by its run.py name, and parameter accounting on any model shape."""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import BranchLoRA, DirLoRA, Joint, LiLoRA, MoELoRA, SeqLoRA
+from .baselines import EWC, OLoRA, LwF, Replay
+from .method import Method
+from .model import Llava
+
+METHODS = {"seqlora": SeqLoRA, "dirlora": DirLoRA, "joint": Joint, "moelora": MoELoRA,
+           "branchlora": BranchLoRA, "lilora": LiLoRA,
+           "replay": Replay, "ewc": EWC, "lwf": LwF, "olora": OLoRA}
+DORA = {"seqlora", "dirlora", "joint", "replay", "ewc", "lwf"}  # one LoRA pair per forward: --dora applies
+
+
+def make_method(name: str, model, **hparams) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](model, **hparams)
+
+
+def parameter_report(config, method: str, num_tasks: int, **hparams) -> dict:
+    """Parameter counts of `method` on a model of `config`, built on the meta device (a 7B
+    shape costs no memory): `trainable` while the first task trains, `total_added` after
+    `num_tasks` tasks (TP), `per_task` added by each task after the first (EP). A fully
+    trained projector is not an adapter and is not counted."""
+    with torch.device("meta"):
+        model = Llava(config)
+    m = make_method(method, model, verbose=False, **hparams)
+    added = []  # adapter parameters after each task has started
+    for t in range(max(num_tasks, 2)):
+        m.start_task(t)
+        if t == 0:
+            trainable = sum(p.numel() for p in m.trainable_parameters())
+        added.append(sum(p.numel() for p in m.adapter_parameters()))
+    return {"method": method, "trainable": trainable, "total_added": added[num_tasks - 1],
+            "per_task": added[1] - added[0], "first_task": added[0], "wrapped": len(m.names)}
