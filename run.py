@@ -100,10 +100,17 @@ def parse_args(argv=None):
     h.add_argument("--top-k", type=int, help="branchlora (2)")
     h.add_argument("--route", choices=["token", "sequence"], help="branchlora routing (token)")
     h.add_argument("--freeze-trunk-after-first-task", action="store_true", default=None, help="branchlora")
+    h.add_argument("--tuning-freezing", action=argparse.BooleanOptionalAction, default=None,
+                   help="branchlora: freeze the k most used branches after each task (on; off: an ablation)")
+    h.add_argument("--shared-router", action="store_true", default=None,
+                   help="branchlora ablation: one router trained on every task instead of one per task")
     h.add_argument("--r-task", type=int, help="lilora r~ (r/2)")
     h.add_argument("--reg-weight", type=float, help="lilora lambda of L_reg (1.0)")
     h.add_argument("--freeze-basis-after-first-task", action="store_true", default=None,
                    help="lilora, as its released code")
+    h.add_argument("--share-a-only", action="store_true", default=None,
+                   help="lilora ablation, Table 2's 'Share A' row: a full B_t per task, no basis or fusion")
+    h.add_argument("--fixed-alpha", type=float, help="lilora ablation, Table 2: alpha fixed at 0, 0.5 or 1")
     h.add_argument("--use-selector", action="store_true", default=None,
                    help="dirlora / lilora: train the task selector too")
     h.add_argument("--dora", action="store_true", default=None,
@@ -130,8 +137,10 @@ def parse_args(argv=None):
 
 METHOD_OPTIONS = {  # flags that belong to one method; giving one to another method is an error
     "moelora": {"num_experts"},
-    "branchlora": {"num_branches", "top_k", "route", "freeze_trunk_after_first_task"},
-    "lilora": {"r_task", "reg_weight", "freeze_basis_after_first_task", "use_selector"},
+    "branchlora": {"num_branches", "top_k", "route", "freeze_trunk_after_first_task", "tuning_freezing",
+                   "shared_router"},
+    "lilora": {"r_task", "reg_weight", "freeze_basis_after_first_task", "use_selector", "share_a_only",
+               "fixed_alpha"},
     "dirlora": {"use_selector"},
     "replay": {"replay_share"},
     "ewc": {"ewc_lambda", "fisher_samples"},

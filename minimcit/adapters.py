@@ -176,9 +176,11 @@ class BranchLoRALinear(AdapterLinear):
     """BranchLoRA: one shared A (r_b, in) and N branches B_n (out, r_b), r_b = r / N; a router
     per task (earlier ones frozen) picks the top-k branches per token."""
 
-    def __init__(self, base, r: int, alpha: float, num_branches: int, top_k: int, ctx: RoutingContext):
+    def __init__(self, base, r: int, alpha: float, num_branches: int, top_k: int, ctx: RoutingContext,
+                 shared_router: bool = False):
         super().__init__(base, r, alpha)
         self.num_branches, self.top_k, self.r_b, self.ctx = num_branches, top_k, r // num_branches, ctx
+        self.shared_router = shared_router  # ablation: one router for every task, trained on each
         self.lora_A = kaiming(self.zeros(self.r_b, self.in_features))  # the trunk, shared by all branches
         # One Parameter per branch so each can be frozen on its own.
         self.lora_B = nn.ParameterList(self.zeros(self.out_features, self.r_b) for _ in range(num_branches))
@@ -189,9 +191,10 @@ class BranchLoRALinear(AdapterLinear):
         self.sequence_gates = None  # route="sequence": the prompt's decision, kept while generating
 
     def add_task(self) -> None:
-        for router in self.routers:
-            router.requires_grad_(False)
-        self.routers.append(kaiming(self.zeros(self.num_branches, self.in_features)))
+        if not (self.shared_router and len(self.routers)):
+            for router in self.routers:
+                router.requires_grad_(False)
+            self.routers.append(kaiming(self.zeros(self.num_branches, self.in_features)))
         self.gate_mass.zero_()
         self.gate_tokens.zero_()
 
@@ -205,7 +208,8 @@ class BranchLoRALinear(AdapterLinear):
             mask = self.real_tokens(x)
             w = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
             x = ((x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1))[:, None]  # (B, 1, in)
-        top, idx = F.linear(x, self.routers[self.task]).topk(self.top_k, dim=-1)  # R_t x, keep the k largest
+        router = self.routers[0 if self.shared_router else self.task]
+        top, idx = F.linear(x, router).topk(self.top_k, dim=-1)  # R_t x, keep the k largest
         routed = top.softmax(-1), idx  # softmax over the top-k only; the other N - k gates are 0
         if self.ctx.route == "sequence":
             self.sequence_gates = routed
@@ -250,7 +254,8 @@ class BranchLoRA(Method):
     task_specific = True
 
     def __init__(self, model, *, num_branches: int = 8, top_k: int = 2, route: str = "token",
-                 freeze_trunk_after_first_task: bool = False, use_selector: bool = True, **kw):
+                 freeze_trunk_after_first_task: bool = False, use_selector: bool = True,
+                 tuning_freezing: bool = True, shared_router: bool = False, **kw):
         if route not in ("token", "sequence"):
             raise ValueError(f"route must be 'token' or 'sequence', got {route!r}")
         _check_split(kw.get("r", 128), num_branches, "num_branches")
@@ -258,11 +263,12 @@ class BranchLoRA(Method):
             raise ValueError(f"top_k must be between 1 and num_branches={num_branches}, got {top_k}")
         self.num_branches, self.top_k = num_branches, top_k
         self.freeze_trunk_after_first_task = freeze_trunk_after_first_task
+        self.tuning_freezing, self.shared_router = tuning_freezing, shared_router  # ablations, on/off as the paper
         self.ctx = RoutingContext(route=route)
         super().__init__(model, use_selector=use_selector, **kw)
 
     def make_layer(self, base):
-        return BranchLoRALinear(base, self.r, self.alpha, self.num_branches, self.top_k, self.ctx)
+        return BranchLoRALinear(base, self.r, self.alpha, self.num_branches, self.top_k, self.ctx, self.shared_router)
 
     def add_task_parameters(self, t):
         for layer in self.layers:
@@ -271,8 +277,9 @@ class BranchLoRA(Method):
             layer.lora_A.requires_grad_(not (self.freeze_trunk_after_first_task and t > 0))
 
     def end_task(self, t, sample_losses=None):
-        for layer in self.layers:
-            layer.freeze_most_used()
+        if self.tuning_freezing:
+            for layer in self.layers:
+                layer.freeze_most_used()
 
     def statistics(self):
         return [s for layer in self.layers for s in (layer.gate_mass, layer.gate_tokens)]
@@ -296,9 +303,9 @@ class LiLoRALinear(AdapterLinear):
     """LiLoRA: shared A (r, in) and basis B0 (out, r); per task B~_t (out, r~), A~_t (r~, r) and
     a fusion scalar phi_t."""
 
-    def __init__(self, base, r: int, alpha: float, r_task: int):
+    def __init__(self, base, r: int, alpha: float, r_task: int, fixed_alpha: float | None = None):
         super().__init__(base, r, alpha)
-        self.r_task = r_task
+        self.r_task, self.fixed_alpha = r_task, fixed_alpha
         self.lora_A = kaiming(self.zeros(r, self.in_features))  # shared A, Kaiming
         self.lora_B0 = self.zeros(self.out_features, r)  # shared basis B0, zeros
         self.task_B = nn.ParameterList()  # B~_t (out, r~), zeros
@@ -313,9 +320,12 @@ class LiLoRALinear(AdapterLinear):
             self.B0_prev = self.lora_B0.detach().clone()
         self.task_B.append(self.zeros(self.out_features, self.r_task))
         self.task_A.append(kaiming(self.zeros(self.r_task, self.r)))
-        self.phi.append(nn.Parameter(torch.randn((), device=self.weight.device)))  # phi_t ~ N(0, 1), LiLoRA Eq. 5
+        if self.fixed_alpha is None:
+            self.phi.append(nn.Parameter(torch.randn((), device=self.weight.device)))  # phi_t ~ N(0, 1), LiLoRA Eq. 5
 
     def fusion(self, t: int):
+        if self.fixed_alpha is not None:  # Table 2's fixed-alpha rows
+            return self.lora_A.new_tensor(self.fixed_alpha)
         return torch.sigmoid(self.phi[t])  # alpha_t = Sigmoid(phi_t), LiLoRA Eq. 5
 
     def delta(self, x):
@@ -345,34 +355,67 @@ class LiLoRALinear(AdapterLinear):
         return (1 - sim) * (self.lora_B0 - self.B0_prev).pow(2).sum()  # LiLoRA Eq. 8
 
 
+class SharedALinear(AdapterLinear):
+    """LiLoRA's Table 2 row "Share A" alone: y = W0 x + s B_t A x, a full per-task B_t (out, r)
+    on the shared A; no basis, no decomposition, no fusion."""
+
+    def __init__(self, base, r: int, alpha: float):
+        super().__init__(base, r, alpha)
+        self.lora_A = kaiming(self.zeros(r, self.in_features))  # shared A
+        self.task_B = nn.ParameterList()  # B_t (out, r), zeros
+
+    def add_task(self) -> None:
+        for p in self.task_B:
+            p.requires_grad_(False)
+        self.task_B.append(self.zeros(self.out_features, self.r))
+
+    def delta(self, x):
+        return self.scaling * F.linear(F.linear(self.drop(x), self.lora_A), self.task_B[self.task])
+
+    def delta_weight(self):
+        return self.scaling * self.task_B[self.task] @ self.lora_A  # (out, in)
+
+
 class LiLoRA(Method):
-    """Shared A and basis B0, per-task B~_t A~_t, learnable fusion, cosine-regularised basis."""
+    """Shared A and basis B0, per-task B~_t A~_t, learnable fusion, cosine-regularised basis.
+    Table 2's ablations: share_a_only (a full B_t per task), reg_weight=0 (decomposed B without
+    L_reg), fixed_alpha (0, 0.5 or 1 instead of a learnable alpha_t)."""
 
     default_target = "ffn+projector"
     task_specific = True
 
     def __init__(self, model, *, r_task: int | None = None, reg_weight: float = 1.0,
-                 freeze_basis_after_first_task: bool = False, **kw):
+                 freeze_basis_after_first_task: bool = False, share_a_only: bool = False,
+                 fixed_alpha: float | None = None, **kw):
         self.r_task = r_task or kw.get("r", 128) // 2  # r~ = r / 2 by default
         if self.r_task < 1:
             raise ValueError(f"r_task must be at least 1, got {self.r_task}")
+        if fixed_alpha is not None and not 0 <= fixed_alpha <= 1:
+            raise ValueError(f"fixed_alpha must be in [0, 1], got {fixed_alpha}")
+        if share_a_only and (fixed_alpha is not None or freeze_basis_after_first_task):
+            raise ValueError("share_a_only has no basis B0 and no fusion: it takes neither fixed_alpha "
+                             "nor freeze_basis_after_first_task")
+        self.share_a_only, self.fixed_alpha = share_a_only, fixed_alpha
         # lambda of L = L_task + lambda L_reg: the paper gives no value; 1.0 is our default (Decision).
         self.reg_weight = reg_weight
         self.freeze_basis_after_first_task = freeze_basis_after_first_task
         super().__init__(model, **kw)
 
     def make_layer(self, base):
-        return LiLoRALinear(base, self.r, self.alpha, self.r_task)
+        if self.share_a_only:
+            return SharedALinear(base, self.r, self.alpha)
+        return LiLoRALinear(base, self.r, self.alpha, self.r_task, self.fixed_alpha)
 
     def add_task_parameters(self, t):
         for layer in self.layers:
             layer.add_task()
-            # The released code trains B0 on the first task only; the paper's Algorithm 1 on every task.
-            layer.lora_B0.requires_grad_(not (self.freeze_basis_after_first_task and t > 0))
+            if not self.share_a_only:
+                # The released code trains B0 on the first task only; the paper's Algorithm 1 on every task.
+                layer.lora_B0.requires_grad_(not (self.freeze_basis_after_first_task and t > 0))
 
     def extra_loss(self, batch, task, logits=None):
         losses = [] if (align := super().extra_loss(batch, task)) is None else [align]
-        if self.num_tasks > 1 and not self.freeze_basis_after_first_task:
+        if self.num_tasks > 1 and not (self.freeze_basis_after_first_task or self.share_a_only):
             reg = sum(layer.reg_loss() for layer in self.layers)  # L_reg summed over layers (Decision)
             losses.append(self.reg_weight * reg)  # LiLoRA Eq. 8: L = L_task + lambda L_reg
         return sum(losses) if losses else None

@@ -235,7 +235,7 @@ def test_a_numeric_training_flag_reaches_train_config_zero_included(name):
     ("replay", "--replay-share", "replay_share"), ("ewc", "--ewc-lambda", "ewc_lambda"),
     ("ewc", "--fisher-samples", "fisher_samples"), ("lwf", "--lwf-lambda", "lwf_lambda"),
     ("lwf", "--temperature", "temperature"), ("olora", "--olora-lambda1", "olora_lambda1"),
-    ("olora", "--olora-lambda2", "olora_lambda2")])
+    ("olora", "--olora-lambda2", "olora_lambda2"), ("lilora", "--fixed-alpha", "fixed_alpha")])
 def test_a_numeric_method_flag_reaches_the_method_zero_included(method, flag, name):
     for value in ("0", "2"):
         hp = run.method_hparams(run.parse_args(["--method", method, "--tasks", "minicoin", flag, value]))

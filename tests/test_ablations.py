@@ -1,0 +1,83 @@
+"""The papers' ablations as options: LiLoRA's Table 2 rows and BranchLoRA's components, each
+checked against its definition by hand."""
+
+import pytest
+import torch
+from test_adapters import batch, randomise, tiny_config, tiny_llava
+
+from minimcit.adapters import SharedALinear
+from minimcit.methods import make_method, parameter_report
+
+
+def test_lilora_share_a_only_is_a_full_b_per_task_on_the_shared_a():
+    model = tiny_llava()
+    m = make_method("lilora", model, r=4, lora_alpha=8, share_a_only=True, verbose=False)
+    m.start_task(0)
+    m.start_task(1)
+    layer = m.layers[0]
+    assert isinstance(layer, SharedALinear) and [tuple(b.shape) for b in layer.task_B] == [(layer.out_features, 4)] * 2
+    randomise([layer.lora_A, *layer.task_B])
+    x = torch.randn(3, layer.in_features)
+    for t in (0, 1):
+        m.use_task(t)
+        hand = x @ layer.weight.T + layer.bias + 2.0 * x @ layer.lora_A.T @ layer.task_B[t].T  # s = 8 / 4
+        torch.testing.assert_close(layer(x), hand)
+    assert not layer.task_B[0].requires_grad and layer.task_B[1].requires_grad and layer.lora_A.requires_grad
+    assert m.extra_loss(batch(), 1) is None  # no basis, so no L_reg
+    # TP/EP: per task a full (out, r) B against LiLoRA's B~ (out, r~) A~ (r~, r) + phi
+    full = parameter_report(tiny_config(), "lilora", 2, r=4, share_a_only=True)
+    outs = sum(lay.out_features for lay in m.layers)
+    assert full["per_task"] == outs * 4
+
+
+def test_lilora_fixed_alpha_mixes_basis_and_task_part_by_hand():
+    m = make_method("lilora", tiny_llava(), r=4, lora_alpha=4, fixed_alpha=0.5, verbose=False)
+    m.start_task(0)
+    layer = m.layers[0]
+    assert len(layer.phi) == 0  # nothing to learn
+    randomise([layer.lora_A, layer.lora_B0, *layer.task_A, *layer.task_B])
+    x = torch.randn(3, layer.in_features)
+    a = x @ layer.lora_A.T
+    hand = x @ layer.weight.T + layer.bias + 0.5 * a @ layer.lora_B0.T + 0.5 * a @ layer.task_A[0].T @ layer.task_B[0].T
+    torch.testing.assert_close(layer(x), hand)
+    for alpha in (0.0, 1.0):
+        m1 = make_method("lilora", tiny_llava(), r=4, lora_alpha=4, fixed_alpha=alpha, verbose=False)
+        m1.start_task(0)
+        assert m1.layers[0].fusion(0).item() == alpha
+    with pytest.raises(ValueError, match="fixed_alpha must be in"):
+        make_method("lilora", tiny_llava(), r=4, fixed_alpha=1.5, verbose=False)
+
+
+def test_branchlora_without_tuning_freezing_keeps_every_branch_trainable():
+    m = make_method("branchlora", tiny_llava(), r=8, lora_alpha=16, num_branches=4, tuning_freezing=False,
+                    use_selector=False, verbose=False)
+    m.start_task(0)
+    m.end_task(0)
+    assert all(b.requires_grad for layer in m.layers for b in layer.lora_B)
+    on = make_method("branchlora", tiny_llava(), r=8, lora_alpha=16, num_branches=4, use_selector=False,
+                     verbose=False)
+    on.start_task(0)
+    on.end_task(0)
+    assert all(sum(b.requires_grad for b in layer.lora_B) == 2 for layer in on.layers)  # N - k = 2 left
+
+
+def test_branchlora_shared_router_is_one_router_trained_on_every_task():
+    model = tiny_llava()
+    m = make_method("branchlora", model, r=8, lora_alpha=16, num_branches=4, shared_router=True,
+                    use_selector=False, verbose=False)
+    m.start_task(0)
+    m.end_task(0)
+    m.start_task(1)
+    layer = m.layers[0]
+    assert len(layer.routers) == 1 and layer.routers[0].requires_grad
+    randomise([layer.routers[0]])
+    x = torch.randn(1, 3, layer.in_features)
+    m.use_task(0)
+    g0 = layer.gates(x)
+    m.use_task(1)
+    torch.testing.assert_close(layer.gates(x), g0)  # the same router whatever the task
+    per_task = make_method("branchlora", tiny_llava(), r=8, lora_alpha=16, num_branches=4, use_selector=False,
+                           verbose=False)
+    per_task.start_task(0)
+    per_task.start_task(1)
+    assert len(per_task.layers[0].routers) == 2 and not per_task.layers[0].routers[0].requires_grad
