@@ -394,8 +394,8 @@ def measure_peft(c: LlavaConfig, b: dict, device, timed, flops):
         hf = LlavaForConditionalGeneration(cfg).to(torch.bfloat16)
     hf.requires_grad_(False)
     target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    hf = get_peft_model(hf, LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05, target_modules=target,
-                                       autocast_adapter_dtype=True))
+    # peft keeps the adapters in fp32 on a bf16 base (autocast_adapter_dtype, its default), as we do
+    hf = get_peft_model(hf, LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05, target_modules=target))
     proj = list(hf.base_model.model.model.multi_modal_projector.parameters())
     for p in proj:
         p.data = p.data.float()

@@ -1,15 +1,19 @@
-"""Every method on MiniCoIN in one run: the README's results table.
+"""Every method on MiniCoIN: the README's results table, over one seed or several.
 
-    python benchmarks/minicoin_table.py                  # default preset, 2-core CPU, about 55 min
-    python benchmarks/minicoin_table.py --preset smoke   # seconds, a check of the script itself
+    python benchmarks/minicoin_table.py                      # seed 0, default preset, 2-core CPU, ~70 min
+    python benchmarks/minicoin_table.py --seeds 0 1 2        # mean +- standard deviation over three seeds
+    python benchmarks/minicoin_table.py --preset smoke       # seconds, a check of the script itself
 
-Each method runs through run.py into runs/table-<preset>/<method>/ (an existing complete run is
-reused, so an interrupted table resumes). BranchLoRA runs identity-free (its task selector); DirLoRA
-and LiLoRA use oracle task identity, the setting of their papers' upper bounds.
+Each run goes through run.py into runs/table-<tasks>-<preset>[-seed<k>]/<method>/. A run whose
+results.json is complete is reused and an interrupted one resumed, so a table can be built over
+several sittings. BranchLoRA runs identity-free (its task selector); DirLoRA and LiLoRA use
+oracle task identity, the setting of their papers' upper bounds. Also writes ap_vs_params.png
+(AP against trainable parameters, one point per method) next to the runs.
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,49 +21,74 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import run  # noqa: E402
+from minimcit.report import scatter  # noqa: E402
 
 ORDER = ["seqlora", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "dirlora", "lilora", "joint"]
+IDENTITY = {"branchlora": ["--task-identity", "selector"]}
+METRICS = ("AP", "MAP", "BWT", "MIF")
+
+
+def folder(root: Path, tasks: str, preset: str, seed: int) -> Path:
+    return root / (f"table-{tasks}-{preset}" + ("" if seed == 0 else f"-seed{seed}"))
+
+
+def run_or_reuse(out: Path, method: str, flags: list, tasks: str, preset: str, seed: int) -> dict:
+    """results.json of `method` with `flags` in `out`: reused when complete, else run (or resumed)."""
+    results = out / "results.json"
+    if not (results.is_file() and json.loads(results.read_text()).get("complete")):
+        t0 = time.time()
+        argv = ["--method", method, "--tasks", tasks, "--preset", preset, "--seed", str(seed), "--out", str(out),
+                "--quiet", *flags] + (["--resume"] if results.is_file() else [])
+        if run.main(argv) != 0:
+            sys.exit(f"{out}: run.py {' '.join(argv)} failed")
+        print(f"{out}: done in {time.time() - t0:.0f}s", file=sys.stderr)
+    return json.loads(results.read_text())
+
+
+def mean_sd(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default")
     p.add_argument("--tasks", default="minicoin")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs")
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
     args = p.parse_args()
-    rows = []
-    for method in args.methods:
-        out = args.out / f"table-{args.tasks}-{args.preset}" / method
-        results = out / "results.json"
-        t0 = time.time()
-        if not (results.is_file() and json.loads(results.read_text()).get("complete")):
-            argv = ["--method", method, "--tasks", args.tasks, "--preset", args.preset, "--seed", str(args.seed),
-                    "--out", str(out), "--quiet"] + (["--resume"] if results.is_file() else [])
-            if method == "branchlora":
-                argv += ["--task-identity", "selector"]
-            if run.main(argv) != 0:
-                sys.exit(f"{method} failed")
-        r = json.loads(results.read_text())
-        s = r["summary"]
-        rows.append((method, s["AP"], s["MAP"], s["BWT"], s["ACC"], s["MIF"], r["selector_accuracy"],
-                     r["params"]["trainable"], r["params"]["total_added"], sum(r["stage_seconds"]),
-                     r["acc_matrix"][0], r["acc_matrix"][-1]))
-        print(f"{method}: done in {time.time() - t0:.0f}s", file=sys.stderr)
-    tasks = json.loads(results.read_text())["tasks"]
-    print("| method | AP | MAP | BWT | ACC | MIF | selector acc | trainable | total added | train+eval s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for m, ap, map_, bwt, acc, mif, sel, tr, tot, sec, _, _ in rows:
-        print(f"| {m} | {ap:.1f} | {map_:.1f} | {bwt:.1f} | {acc:.1f} | {mif:.1f} | "
-              f"{'-' if sel is None else f'{sel:.1f}'} | {tr / 1e3:.0f}K | {tot / 1e3:.0f}K | {sec:.0f} |")
-    print(f"\nfinal-stage score per task ({', '.join(tasks)}) and the base model (row 0):")
+    runs = {m: [run_or_reuse(folder(args.out, args.tasks, args.preset, s) / m, m, IDENTITY.get(m, []),
+                             args.tasks, args.preset, s) for s in args.seeds] for m in args.methods}
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"MiniCoIN ({args.tasks}, preset {args.preset}), seeds {seeds}: mean ± sd where more than one\n")
+    print("| method | " + " | ".join(METRICS) + " | selector acc | trainable | total added | train+eval s |")
+    print("|---|" + "---|" * (len(METRICS) + 4))
+    for m, rs in runs.items():
+        cells = [mean_sd([r["summary"][k] for r in rs]) for k in METRICS]
+        sel = mean_sd([r.get("selector_accuracy") for r in rs])
+        secs = statistics.mean(sum(r["stage_seconds"]) for r in rs)
+        print(f"| {m} | " + " | ".join(cells) + f" | {sel} | {rs[0]['params']['trainable'] / 1e3:.0f}K | "
+              f"{rs[0]['params']['total_added'] / 1e3:.0f}K | {secs:.0f} |")
+    tasks = next(iter(runs.values()))[0]["tasks"]
+    print(f"\nfinal-stage score per task ({', '.join(tasks)}), mean over seeds, and the base model (row 0):")
     print(f"| method | {' | '.join(tasks)} | mean |")
     print("|---|" + "---|" * (len(tasks) + 1))
-    base = rows[0][10]
-    print(f"| base (row 0) | {' | '.join(f'{v:.0f}' for v in base)} | {sum(base) / len(base):.1f} |")
-    for m, *_, last in rows:
-        print(f"| {m} | {' | '.join(f'{v:.0f}' for v in last)} | {sum(last) / len(last):.1f} |")
+    rows = {"base (row 0)": [r["acc_matrix"][0] for r in next(iter(runs.values()))]}
+    rows.update({m: [r["acc_matrix"][-1] for r in rs] for m, rs in runs.items()})
+    for name, lasts in rows.items():
+        cells = [statistics.mean(last[j] for last in lasts) for j in range(len(tasks))]
+        print(f"| {name} | {' | '.join(f'{v:.0f}' for v in cells)} | {statistics.mean(cells):.1f} |")
+    points = [(m, rs[0]["params"]["trainable"], statistics.mean(r["summary"]["AP"] for r in rs),
+               statistics.stdev([r["summary"]["AP"] for r in rs]) if len(rs) > 1 else None) for m, rs in runs.items()]
+    png = folder(args.out, args.tasks, args.preset, 0) / "ap_vs_params.png"
+    scatter(points, png, f"MiniCoIN {args.preset}: AP against trainable parameters (seeds {seeds})",
+            "trainable parameters while task 1 trains (log)", "AP")
+    print(f"\n{png}")
 
 
 if __name__ == "__main__":

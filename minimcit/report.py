@@ -3,6 +3,7 @@ pillow: the matrix as a heatmap, each task's score across the stages, and the lo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -133,6 +134,34 @@ def loss_curves(results: dict, path: Path) -> None:
         if len(ok) > 1:
             d.line(ok, fill=PALETTE[s % len(PALETTE)], width=2)
     d.text((L + (W - L - R) // 2 - 40, H - 22), "step (stage numbers below)", fill="black", font=_font(12))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def scatter(points: list, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """Labelled points (label, x > 0, y in 0..100, y error or None) on a log-x axis, error bars where given."""
+    W, H, L, B, T, R = 760, 460, 60, 50, 40, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((L, 10), title, fill="black", font=_font(16))
+    lo = math.floor(math.log10(min(p[1] for p in points)))
+    hi = math.ceil(math.log10(max(p[1] for p in points)))
+    hi = hi if hi > lo else lo + 1
+    x = lambda v: L + (W - L - R) * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
+    y = lambda v: H - B - (H - B - T) * v / 100  # noqa: E731
+    for v in range(0, 101, 25):
+        d.line((L, y(v), W - R, y(v)), fill=(225, 225, 225))
+        d.text((L - 30, y(v) - 7), str(v), fill="black", font=_font(11))
+    for e in range(lo, hi + 1):
+        d.line((x(10 ** e), T, x(10 ** e), H - B), fill=(225, 225, 225))
+        d.text((x(10 ** e) - 12, H - B + 8), f"1e{e}", fill="black", font=_font(11))
+    for j, (label, px, py, err) in enumerate(points):
+        c = PALETTE[j % len(PALETTE)]
+        if err:
+            d.line((x(px), y(py - err), x(px), y(py + err)), fill=c, width=2)
+        d.ellipse((x(px) - 4, y(py) - 4, x(px) + 4, y(py) + 4), fill=c)
+        d.text((x(px) + 6, y(py) - 14), label, fill=c, font=_font(12))
+    d.text((L + (W - L - R) // 2 - 60, H - 22), xlabel, fill="black", font=_font(12))
+    d.text((5, T - 20), ylabel, fill="black", font=_font(12))
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
