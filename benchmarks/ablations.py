@@ -1,12 +1,12 @@
 """The papers' ablations on MiniCoIN: LiLoRA's Table 2 rows and BranchLoRA's components.
 
-    python benchmarks/ablations.py                 # seed 0, default preset (16 runs, ~2 h on 2 cores)
+    python benchmarks/ablations.py                 # seed 0, default preset (15 runs of their own, ~55 min on 2 cores)
     python benchmarks/ablations.py --seeds 0 1 2   # mean +- standard deviation
     python benchmarks/ablations.py --preset smoke  # seconds, a check of the script itself
 
 Runs go to runs/ablations-<tasks>-<preset>[-seed<k>]/<row>/; a complete run is reused, an
 interrupted one resumed, so the table can be built over several sittings. The full methods'
-rows reuse nothing from minicoin_table.py's folders: each table is its own set of runs.
+rows are minicoin_table.py's runs of LiLoRA and BranchLoRA (run here if that table has not yet).
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.minicoin_table import METRICS, mean_sd, run_or_reuse  # noqa: E402
+from benchmarks.minicoin_table import IDENTITY, METRICS, folder, mean_sd, run_or_reuse  # noqa: E402
 
 ROWS = [  # (row, method, flags): named after the paper's row or the component removed
     ("LiLoRA (full: share A, decompose B, L_reg, learnable alpha)", "lilora", []),
@@ -45,6 +45,14 @@ def slug(row: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", row.split(" (")[0].lower()).strip("-")
 
 
+def where(args, row: str, method: str, flags: list, seed: int) -> Path:
+    """A full method's row is minicoin_table.py's run of that method (the same flags and seed),
+    so the two tables share it; every other row has its own folder."""
+    if flags == IDENTITY.get(method, []):
+        return folder(args.out, args.tasks, args.preset, seed) / method
+    return args.out / (f"ablations-{args.tasks}-{args.preset}" + ("" if seed == 0 else f"-seed{seed}")) / slug(row)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default")
@@ -57,8 +65,8 @@ def main():
     results = {}
     for name, method, flags in rows:
         results[name] = [
-            run_or_reuse(args.out / (f"ablations-{args.tasks}-{args.preset}" + ("" if s == 0 else f"-seed{s}"))
-                         / slug(name), method, flags, args.tasks, args.preset, s) for s in args.seeds]
+            run_or_reuse(where(args, name, method, flags, s), method, flags, args.tasks, args.preset, s)
+            for s in args.seeds]
     print(f"Ablations on MiniCoIN ({args.tasks}, preset {args.preset}), seeds {', '.join(map(str, args.seeds))}\n")
     print("| row | " + " | ".join(METRICS) + " | selector acc | trainable | total added |")
     print("|---|" + "---|" * (len(METRICS) + 3))

@@ -1,6 +1,6 @@
 """Every method on MiniCoIN: the README's results table, over one seed or several.
 
-    python benchmarks/minicoin_table.py                      # seed 0, default preset, 2-core CPU, ~70 min
+    python benchmarks/minicoin_table.py                      # seed 0, default preset, 2-core CPU, ~35 min
     python benchmarks/minicoin_table.py --seeds 0 1 2        # mean +- standard deviation over three seeds
     python benchmarks/minicoin_table.py --preset smoke       # seconds, a check of the script itself
 

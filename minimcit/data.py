@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .official import OFFICIAL_RULES
-from .processing import IGNORE_INDEX, TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
+from .processing import IGNORE_INDEX, SYSTEM, TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
 
 
 @dataclass
@@ -305,12 +305,12 @@ class Collator:
     has), as the model writes each image's features at its sample's image tokens. Right padding
     for training; left padding and no answer with `prompt_only=True`, the prompts
     `Llava.generate` continues. `plain=True` uses the stage-1 template (image, then
-    caption) instead of the conversation."""
+    caption) instead of the conversation; `system` is the conversation's system line ("" for none)."""
 
     def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, image_token_index: int, image_size: int,
-                 plain: bool = False):
+                 plain: bool = False, system: str = SYSTEM):
         self.tok, self.n_img, self.img_id, self.image_size = tokenizer, num_image_tokens, image_token_index, image_size
-        self.plain = plain
+        self.plain, self.system = plain, system
 
     def pixels(self, s: Sample) -> torch.Tensor:
         if isinstance(s.image, Image.Image):
@@ -328,7 +328,8 @@ class Collator:
         else:
             rows = [encode_example(self.tok, s.question, None if prompt_only else s.answer,
                                    num_image_tokens=self.n_img, image_token_index=self.img_id,
-                                   with_image=s.image is not None, later_turns=() if prompt_only else s.later_turns)
+                                   with_image=s.image is not None, later_turns=() if prompt_only else s.later_turns,
+                                   system=self.system)
                     for s in samples]
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)

@@ -77,13 +77,13 @@ PRESETS = {
         recipe=dict(epochs=1, batch_size=4, lr=2e-3, eval_batch_size=8, max_new_tokens=12),
         adapter=dict(r=16, lora_alpha=32)),
     "default": Preset(
-        n_train=600, n_test=40,
+        n_train=600, n_test=100,
         vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                     image_size=64, patch_size=16),
         text=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
                   num_key_value_heads=2),
         vocab=800, stage1=dict(corpus=46000, epochs=1, batch=16, lr=5e-4),
-        recipe=dict(epochs=6, batch_size=16, lr=2e-3, eval_batch_size=40, max_new_tokens=32),
+        recipe=dict(epochs=6, batch_size=16, lr=2e-3, eval_batch_size=100, max_new_tokens=32),
         adapter=dict(r=32, lora_alpha=64)),
     "large": Preset(
         n_train=4000, n_test=400,

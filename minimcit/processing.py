@@ -102,11 +102,12 @@ class TextTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def build_prompt(question: str, answer: str | None = None, with_image: bool = True) -> str:
+def build_prompt(question: str, answer: str | None = None, with_image: bool = True, system: str = SYSTEM) -> str:
     """The vicuna_v1 conversation of one turn, with an image or without. Without an answer it
-    ends at 'ASSISTANT:', the point where generation starts."""
+    ends at 'ASSISTANT:', the point where generation starts. system="" drops the system line
+    (MiniCoIN: its base never saw it, and it would be 31 of a sample's ~72 tokens)."""
     image = "<image>\n" if with_image else ""
-    prompt = f"{SYSTEM} USER: {image}{question} ASSISTANT:"
+    prompt = f"{system + ' ' if system else ''}USER: {image}{question} ASSISTANT:"
     return prompt if answer is None else f"{prompt} {answer}</s>"
 
 
@@ -126,7 +127,7 @@ def _with_answer(tok: TextTokenizer, prompt: str, prompt_ids: list[int], answer:
 
 
 def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num_image_tokens: int,
-                   image_token_index: int, with_image: bool = True, later_turns=()) -> Encoded:
+                   image_token_index: int, with_image: bool = True, later_turns=(), system: str = SYSTEM) -> Encoded:
     """Token ids, labels and the instruction span of one example. `<image>` becomes
     num_image_tokens copies of image_token_index; the text on each side of it is tokenised on its
     own, as LLaVA's tokenizer_image_token does, so -200 never passes through the tokenizer. A
@@ -134,11 +135,11 @@ def encode_example(tok: TextTokenizer, question: str, answer: str | None, *, num
     `later_turns` are the (question, answer) pairs after the first, appended as vicuna_v1 does
     ("USER: q ASSISTANT: a</s>"). Only the answers and their eos carry loss."""
     if with_image:
-        head, prompt = build_prompt(question).split("<image>")  # prompt = "\n{question} ASSISTANT:"
+        head, prompt = build_prompt(question, system=system).split("<image>")  # prompt = "\n{question} ASSISTANT:"
         ids, start = [tok.bos_id] + tok.encode(head) + [image_token_index] * num_image_tokens, 0
     else:
-        prompt = build_prompt(question, with_image=False)
-        ids, start = [tok.bos_id], len(f"{SYSTEM} USER: ")  # the instruction starts at the question
+        prompt = build_prompt(question, with_image=False, system=system)
+        ids, start = [tok.bos_id], prompt.index("USER: ") + len("USER: ")  # the instruction starts at the question
     enc = tok.tok.encode(prompt, add_special_tokens=False)
     first = next((i for i, (_, end) in enumerate(enc.offsets) if end > start), len(enc.ids))
     instruction = slice(len(ids) + first, len(ids) + len(enc.ids))  # after the image, up to the answer

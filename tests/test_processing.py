@@ -66,6 +66,20 @@ def test_prompt_is_vicuna_v1():
         "helpful, detailed, and polite answers to the human's questions. USER: <image>\nQ? ASSISTANT: A</s>")
 
 
+def test_prompt_without_system_line(word_tokenizer):
+    """MiniCoIN's prompt (system=""): the conversation starts at USER, and a text-only sample's
+    instruction still starts at its question."""
+    assert build_prompt("Q?", "A", system="") == "USER: <image>\nQ? ASSISTANT: A</s>"
+    tok, vocab = word_tokenizer
+    ids, labels, instruction = encode_example(tok, "what colour?", "red", num_image_tokens=2, image_token_index=99,
+                                              system="")
+    assert ids == [vocab[w] for w in ["<s>", "USER", ":"]] + [99, 99] + [
+        vocab[w] for w in ["what", "colour", "?", "ASSISTANT", ":", "red", "</s>"]]
+    ids, _, instruction = encode_example(tok, "what colour?", "red", num_image_tokens=2, image_token_index=99,
+                                         with_image=False, system="")
+    assert ids[instruction] == [vocab[w] for w in ["what", "colour", "?", "ASSISTANT", ":"]]
+
+
 def test_only_answer_and_eos_carry_loss(word_tokenizer):
     tok, vocab = word_tokenizer
     ids, labels, instruction = encode_example(tok, "what colour?", "light red", num_image_tokens=4,
