@@ -3,20 +3,20 @@
     python benchmarks/ablations.py                 # seed 0, default preset (15 runs of their own, ~55 min on 2 cores)
     python benchmarks/ablations.py --seeds 0 1 2   # mean +- standard deviation
     python benchmarks/ablations.py --preset smoke  # seconds, a check of the script itself
+    python benchmarks/ablations.py --report-only   # the rows complete so far, running nothing
 
 Runs go to runs/ablations-<tasks>-<preset>[-seed<k>]/<row>/; a complete run is reused, an
 interrupted one resumed, so the table can be built over several sittings. The full methods'
 rows are minicoin_table.py's runs of LiLoRA and BranchLoRA (run here if that table has not yet).
 """
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.minicoin_table import IDENTITY, METRICS, folder, mean_sd, run_or_reuse  # noqa: E402
+from benchmarks.minicoin_table import IDENTITY, METRICS, folder, mean_sd, run_or_reuse, table_args  # noqa: E402
 
 ROWS = [  # (row, method, flags): named after the paper's row or the component removed
     ("LiLoRA (full: share A, decompose B, L_reg, learnable alpha)", "lilora", []),
@@ -54,27 +54,27 @@ def where(args, row: str, method: str, flags: list, seed: int) -> Path:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="default")
-    p.add_argument("--tasks", default="minicoin")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", type=Path, default=ROOT / "runs")
+    p = table_args(__doc__)
     p.add_argument("--only", help="rows whose name contains this (e.g. LiLoRA)")
     args = p.parse_args()
     rows = [r for r in ROWS if not args.only or args.only.lower() in r[0].lower()]
     results = {}
     for name, method, flags in rows:
         results[name] = [
-            run_or_reuse(where(args, name, method, flags, s), method, flags, args.tasks, args.preset, s)
-            for s in args.seeds]
+            r for s in args.seeds
+            if (r := run_or_reuse(where(args, name, method, flags, s), method, flags, args.tasks, args.preset, s,
+                                  args.report_only))]
     print(f"Ablations on MiniCoIN ({args.tasks}, preset {args.preset}), seeds {', '.join(map(str, args.seeds))}\n")
-    print("| row | " + " | ".join(METRICS) + " | selector acc | trainable | total added |")
-    print("|---|" + "---|" * (len(METRICS) + 3))
+    print("| row | seeds | " + " | ".join(METRICS) + " | selector acc | trainable | total added |")
+    print("|---|" + "---|" * (len(METRICS) + 4))
     for name, rs in results.items():
+        if not rs:  # --report-only: not run yet
+            print(f"| {name} | 0 | " + " | ".join("not run" for _ in METRICS) + " | | | |")
+            continue
         cells = [mean_sd([r["summary"][k] for r in rs]) for k in METRICS]
-        print(f"| {name} | " + " | ".join(cells) + f" | {mean_sd([r.get('selector_accuracy') for r in rs])} | "
+        print(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {mean_sd([r.get('selector_accuracy') for r in rs])} | "
               f"{rs[0]['params']['trainable'] / 1e3:.0f}K | {rs[0]['params']['total_added'] / 1e3:.0f}K |")
-    print(f"\n(mean ± sample standard deviation over {len(args.seeds)} seeds where more than one)")
+    print("\n(mean ± sample standard deviation over the seeds complete, where more than one)")
 
 
 if __name__ == "__main__":

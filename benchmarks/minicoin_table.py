@@ -3,6 +3,7 @@
     python benchmarks/minicoin_table.py                      # seed 0, default preset, 2-core CPU, ~35 min
     python benchmarks/minicoin_table.py --seeds 0 1 2        # mean +- standard deviation over three seeds
     python benchmarks/minicoin_table.py --preset smoke       # seconds, a check of the script itself
+    python benchmarks/minicoin_table.py --seeds 0 1 2 --report-only   # what is complete so far, running nothing
 
 Each run goes through run.py into runs/table-<tasks>-<preset>[-seed<k>]/<method>/. A run whose
 results.json is complete is reused and an interrupted one resumed, so a table can be built over
@@ -32,10 +33,14 @@ def folder(root: Path, tasks: str, preset: str, seed: int) -> Path:
     return root / (f"table-{tasks}-{preset}" + ("" if seed == 0 else f"-seed{seed}"))
 
 
-def run_or_reuse(out: Path, method: str, flags: list, tasks: str, preset: str, seed: int) -> dict:
-    """results.json of `method` with `flags` in `out`: reused when complete, else run (or resumed)."""
+def run_or_reuse(out: Path, method: str, flags: list, tasks: str, preset: str, seed: int,
+                 report_only: bool = False) -> dict | None:
+    """results.json of `method` with `flags` in `out`: reused when complete, else run (or resumed);
+    with report_only, None instead of running."""
     results = out / "results.json"
     if not (results.is_file() and json.loads(results.read_text()).get("complete")):
+        if report_only:
+            return None
         t0 = time.time()
         argv = ["--method", method, "--tasks", tasks, "--preset", preset, "--seed", str(seed), "--out", str(out),
                 "--quiet", *flags] + (["--resume"] if results.is_file() else [])
@@ -54,25 +59,34 @@ def mean_sd(values: list) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def table_args(doc: str) -> argparse.ArgumentParser:
+    """The flags both tables take: this one and benchmarks/ablations.py."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default")
     p.add_argument("--tasks", default="minicoin")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="tabulate the runs already complete (a partial table); run nothing")
+    return p
+
+
+def main():
+    p = table_args(__doc__)
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
     args = p.parse_args()
     runs = {m: [run_or_reuse(folder(args.out, args.tasks, args.preset, s) / m, m, IDENTITY.get(m, []),
-                             args.tasks, args.preset, s) for s in args.seeds] for m in args.methods}
+                             args.tasks, args.preset, s, args.report_only) for s in args.seeds] for m in args.methods}
+    runs = {m: [r for r in rs if r] for m, rs in runs.items() if any(rs)}
     seeds = ", ".join(map(str, args.seeds))
     print(f"MiniCoIN ({args.tasks}, preset {args.preset}), seeds {seeds}: mean ± sd where more than one\n")
-    print("| method | " + " | ".join(METRICS) + " | selector acc | trainable | total added | train+eval s |")
-    print("|---|" + "---|" * (len(METRICS) + 4))
+    print("| method | seeds | " + " | ".join(METRICS) + " | selector acc | trainable | total added | train+eval s |")
+    print("|---|" + "---|" * (len(METRICS) + 5))
     for m, rs in runs.items():
         cells = [mean_sd([r["summary"][k] for r in rs]) for k in METRICS]
         sel = mean_sd([r.get("selector_accuracy") for r in rs])
         secs = statistics.mean(sum(r["stage_seconds"]) for r in rs)
-        print(f"| {m} | " + " | ".join(cells) + f" | {sel} | {rs[0]['params']['trainable'] / 1e3:.0f}K | "
+        print(f"| {m} | {len(rs)} | " + " | ".join(cells) + f" | {sel} | {rs[0]['params']['trainable'] / 1e3:.0f}K | "
               f"{rs[0]['params']['total_added'] / 1e3:.0f}K | {secs:.0f} |")
     tasks = next(iter(runs.values()))[0]["tasks"]
     print(f"\nfinal-stage score per task ({', '.join(tasks)}), mean over seeds, and the base model (row 0):")

