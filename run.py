@@ -406,7 +406,7 @@ def build(args) -> Setup:
                 "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task, "dtype": dtype_name}
     if mini:  # what defines MiniCoIN's data beyond the flags: its test-set sizes and prompt
         run_info.update(test_items=[len(t.test) for t in tasks], system_line=bool(collator.system))
-    if not mini:  # what defines a real-data experiment beyond the flags: the paths and what is in them
+    else:  # what defines a real-data experiment beyond the flags: the paths and what is in them
         paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
                  ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",
                   "--task-dir")}

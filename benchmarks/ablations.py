@@ -50,7 +50,7 @@ def where(args, row: str, method: str, flags: list, seed: int) -> Path:
     so the two tables share it; every other row has its own folder."""
     if flags == IDENTITY.get(method, []):
         return folder(args.out, args.tasks, args.preset, seed) / method
-    return args.out / (f"ablations-{args.tasks}-{args.preset}" + ("" if seed == 0 else f"-seed{seed}")) / slug(row)
+    return folder(args.out, args.tasks, args.preset, seed, "ablations") / slug(row)
 
 
 def main():

@@ -29,8 +29,9 @@ IDENTITY = {"branchlora": ["--task-identity", "selector"]}
 METRICS = ("AP", "MAP", "BWT", "MIF")
 
 
-def folder(root: Path, tasks: str, preset: str, seed: int) -> Path:
-    return root / (f"table-{tasks}-{preset}" + ("" if seed == 0 else f"-seed{seed}"))
+def folder(root: Path, tasks: str, preset: str, seed: int, table: str = "table") -> Path:
+    """Where one table's runs at one seed live: runs/<table>-<tasks>-<preset>[-seed<k>]."""
+    return root / (f"{table}-{tasks}-{preset}" + ("" if seed == 0 else f"-seed{seed}"))
 
 
 def run_or_reuse(out: Path, method: str, flags: list, tasks: str, preset: str, seed: int,
