@@ -1,6 +1,6 @@
 """The papers' ablations on MiniCoIN: LiLoRA's Table 2 rows and BranchLoRA's components.
 
-    python benchmarks/ablations.py                 # seed 0, default preset (15 runs of their own, ~55 min on 2 cores)
+    python benchmarks/ablations.py                 # seed 0, default preset (15 runs of their own, ~40 min on 2 cores)
     python benchmarks/ablations.py --seeds 0 1 2   # mean +- standard deviation
     python benchmarks/ablations.py --preset smoke  # seconds, a check of the script itself
     python benchmarks/ablations.py --report-only   # the rows complete so far, running nothing

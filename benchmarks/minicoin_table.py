@@ -1,6 +1,6 @@
 """Every method on MiniCoIN: the README's results table, over one seed or several.
 
-    python benchmarks/minicoin_table.py                      # seed 0, default preset, 2-core CPU, ~35 min
+    python benchmarks/minicoin_table.py                      # seed 0, default preset, 2-core CPU, ~25 min
     python benchmarks/minicoin_table.py --seeds 0 1 2        # mean +- standard deviation over three seeds
     python benchmarks/minicoin_table.py --preset smoke       # seconds, a check of the script itself
     python benchmarks/minicoin_table.py --seeds 0 1 2 --report-only   # what is complete so far, running nothing
@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import run  # noqa: E402
+from minimcit.pretrain import base_name  # noqa: E402
 from minimcit.report import scatter  # noqa: E402
 
 ORDER = ["seqlora", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "dirlora", "lilora", "joint"]
@@ -39,7 +40,12 @@ def run_or_reuse(out: Path, method: str, flags: list, tasks: str, preset: str, s
     """results.json of `method` with `flags` in `out`: reused when complete, else run (or resumed);
     with report_only, None instead of running."""
     results = out / "results.json"
-    if not (results.is_file() and json.loads(results.read_text()).get("complete")):
+    done = json.loads(results.read_text()) if results.is_file() else {}
+    made_on, now = Path(done.get("config", {}).get("model", "")).name, base_name(preset, seed)
+    if done and made_on != now:  # the base's name changes with the world and stage 1 (pretrain.RECIPE_VERSION)
+        sys.exit(f"{out}: made on MiniCoIN base {made_on}, but this code builds {now}; move the folder away "
+                 "to run it again")
+    if not done.get("complete"):
         if report_only:
             return None
         t0 = time.time()

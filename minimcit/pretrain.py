@@ -22,7 +22,7 @@ from .model import Llava, LlavaConfig, TextConfig, VisionConfig
 from .processing import SYSTEM, TextTokenizer
 from .train import TrainConfig, train_stage
 
-RECIPE_VERSION = 3  # bump when the world or stage 1 changes, so cached bases are rebuilt
+RECIPE_VERSION = 4  # bump when the world or stage 1 changes, so cached bases are rebuilt
 
 
 def default_cache() -> Path:
@@ -43,16 +43,24 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return bpe
 
 
+def _recipe(preset_name: str, seed: int) -> str:
+    return json.dumps({"preset": preset_name, "seed": seed, "spec": preset(preset_name).base_spec(),
+                       "version": RECIPE_VERSION}, sort_keys=True)
+
+
+def base_name(preset_name: str = "default", seed: int = 0) -> str:
+    """The cache folder's name of a base: it changes with anything that defines the base, so a
+    run records which MiniCoIN it was made on (its config's "model")."""
+    return f"minicoin-base-{preset_name}-{hashlib.sha1(_recipe(preset_name, seed).encode()).hexdigest()[:10]}"
+
+
 def pretrain_base(preset_name: str = "default", seed: int = 0, cache: Path | None = None, device="cpu",
                   quiet: bool = False) -> Path:
     """The MiniCoIN base model of a preset, saved in the llava-hf layout with tokenizer.json;
     built once and cached."""
     p = preset(preset_name)
-    spec = p.base_spec()
-    recipe = json.dumps({"preset": preset_name, "seed": seed, "spec": spec, "version": RECIPE_VERSION},
-                        sort_keys=True)
-    digest = hashlib.sha1(recipe.encode()).hexdigest()[:10]
-    folder = (cache or default_cache()) / f"minicoin-base-{preset_name}-{digest}"
+    recipe = _recipe(preset_name, seed)
+    folder = (cache or default_cache()) / base_name(preset_name, seed)
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     t0 = time.time()

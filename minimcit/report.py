@@ -29,9 +29,10 @@ def _matrix_table(results: dict, key: str, title: str) -> list[str]:
     tasks = results["tasks"]
     width = max(9, *(len(t) for t in tasks)) + 1
     lines = [title, "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
-    for row, label in zip(results[key], row_labels(results)):
-        lines.append(label[:11].ljust(12) + "".join("n/a".rjust(width) if v is None else f"{v:{width}.1f}"
-                                                    for v in row))
+    for k, (row, label) in enumerate(zip(results[key], row_labels(results))):
+        # None: "-" past the next task (not evaluated, train.evaluated), else "n/a" (cannot be scored)
+        lines.append(label[:11].ljust(12) + "".join(("-" if 0 < k < j else "n/a").rjust(width) if v is None
+                                                    else f"{v:{width}.1f}" for j, v in enumerate(row)))
     s = results.get(key.replace("acc_matrix", "summary"))
     if s:
         keys = [k for k in ("AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF") if k in s]
@@ -68,8 +69,9 @@ def heatmap(results: dict, path: Path) -> None:
     for k, row in enumerate(a):
         d.text((10, top + k * cell + cell // 2 - 7), "base" if k == 0 else f"after {k}", fill="black", font=_font(12))
         for j, v in enumerate(row):
-            if v is None:
-                d.text((left + j * cell + 10, top + k * cell + cell // 2 - 7), "n/a", fill="black", font=_font(13))
+            if v is None:  # blank where not evaluated (past the next task), else "n/a"
+                if not 0 < k < j:
+                    d.text((left + j * cell + 10, top + k * cell + cell // 2 - 7), "n/a", fill="black", font=_font(13))
                 continue
             x, y, f = left + j * cell, top + k * cell, max(0.0, min(1.0, v / 100))
             colour = (int(255 - 200 * f), int(255 - 90 * f), int(255 - 40 * f))  # white -> blue

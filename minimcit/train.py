@@ -1,5 +1,6 @@
 """The continual run: train each stage in turn (one task, or all of them for the joint
-baseline), evaluate every task after every stage, write the accuracy matrix and its summary.
+baseline), evaluate after every stage (the tasks trained so far and the next), write the accuracy
+matrix and its summary.
 `train_stage` is the step loop, shared with stage-1 pre-training (pretrain.py); what the run
 folder holds and how it is written is in runfolder.py.
 
@@ -256,8 +257,9 @@ def empty_row(n: int) -> tuple[dict, list]:
 
 @dataclass
 class Evaluation:
-    """One evaluation of every task: a row of each protocol's matrix and of the format matrix
-    (percent; None where a protocol cannot score a task), selector hits, and per-item records."""
+    """One evaluation: a row of each protocol's matrix and of the format matrix
+    (percent; None where a protocol cannot score a task or the task was not evaluated), selector
+    hits, and per-item records."""
     rows: dict  # protocol -> [score per task]
     format: list
     hits: list
@@ -275,21 +277,30 @@ def score_task(task_scorer: str, rule: str | None, ids: list, questions: list, p
     return {"robust": percent(per["robust"]), "official": percent(per["official"])}, percent(per["format"]), items
 
 
+def evaluated(plan: list, stage: int, n: int) -> int:
+    """How many of the n tasks, in order, the evaluation after `stage` answers: every one at the
+    base (row 0), else those trained so far and the next. No metric reads a later task's score
+    (FWT reads a[k][k+1], SPEC §4), and on real data answering every test set after every stage
+    would be most of the evaluation's time; those cells stay None."""
+    return n if stage == 0 else min(n, max(j for tasks in plan[:stage] for j in tasks) + 2)
+
+
 def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0, identity="oracle",
-             device="cpu", quiet=False, label: str = "eval") -> Evaluation:
-    """Every task's test items answered and scored under both protocols, with selector hits on
-    the seen tasks."""
-    ev = Evaluation({p: [] for p in PROTOCOLS}, [], [], {})
-    progress = Progress(label, len(tasks), quiet, unit="task")
-    for j, task in enumerate(tasks):
+             device="cpu", quiet=False, label: str = "eval", upto: int | None = None) -> Evaluation:
+    """The first `upto` tasks' test items (every task's by default) answered and scored under
+    both protocols, with selector hits on the seen tasks; the rest of the row is None."""
+    upto = len(tasks) if upto is None else upto
+    ev = Evaluation({p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), [], {})
+    progress = Progress(label, upto, quiet, unit="task")
+    for j, task in enumerate(tasks[:upto]):
         preds, h = predict(model, task.test, collator, cfg, method=method, trained=trained, identity=identity,
                            true_task=j, device=device)
         scores, fmt, ev.items[task.name] = score_task(task.scorer, task.official, [s.id for s in task.test],
                                                       [s.question for s in task.test], preds,
                                                       [s.target for s in task.test], [s.size for s in task.test])
         for p in PROTOCOLS:
-            ev.rows[p].append(scores[p])
-        ev.format.append(fmt)
+            ev.rows[p][j] = scores[p]
+        ev.format[j] = fmt
         ev.hits += h or []
         shown = "  ".join(f"{p} {'n/a' if scores[p] is None else f'{scores[p]:5.1f}'}" for p in PROTOCOLS)
         progress.update(j + 1, f"{task.name}: {shown} (format {fmt:.0f}%)")
@@ -304,7 +315,7 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
                   run_info: dict | None = None, argv: list | None = None, skip_base: bool = False,
                   quiet: bool = False) -> dict:
     """Train the task sequence with `method` (already injected) stage by stage, as
-    `method.stages` lays it out, evaluating every task after each stage under both protocols;
+    `method.stages` lays it out, evaluating after each stage (`evaluated`) under both protocols;
     `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
     out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage.
     One run writes to a folder at a time (out/run.lock)."""
@@ -369,7 +380,8 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             dist.sum_(stat)
         method.end_task(k, sample_losses(model, method, samples, collator, cfg.seed * 1000 + 800 + k, device))
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
-                      device=device, quiet=quiet, label=f"eval after stage {stage}")
+                      device=device, quiet=quiet, label=f"eval after stage {stage}",
+                      upto=evaluated(plan, stage, len(tasks)))
         write_predictions(out, stage, ev.items)
         add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
         if ev.hits:
@@ -403,7 +415,7 @@ def summarise(results: dict) -> None:
     for p in PROTOCOLS:
         where = suffix(results["protocol"], p)
         matrix = results[f"acc_matrix{where}"]
-        ok = results["complete"] and all(v is not None for row in matrix[1:] for v in row)
+        ok = results["complete"] and all(v is not None for k, row in enumerate(matrix[1:], 1) for v in row[:k + 1])
         results[f"summary{where}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
 
 
@@ -420,8 +432,8 @@ def rescore(out: Path) -> dict:
                 add_rows(results, *empty_row(len(tasks)), 1)
                 continue
             break
-        rows, fmt = {p: [] for p in PROTOCOLS}, []
-        for task in tasks:
+        rows, fmt = empty_row(len(tasks))
+        for j, task in enumerate(tasks[:evaluated(results["stages"], stage, len(tasks))]):
             path = folder / f"{task}.jsonl"
             try:
                 records = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -431,8 +443,8 @@ def rescore(out: Path) -> dict:
                                       [r["question"] for r in records], [r["prediction"] for r in records],
                                       [r["gold"] for r in records], [r.get("size") for r in records])
             for p in PROTOCOLS:
-                rows[p].append(scores[p])
-            fmt.append(f)
+                rows[p][j] = scores[p]
+            fmt[j] = f
         add_rows(results, rows, fmt, copies)
     summarise(results)
     save_results(out, results)

@@ -110,3 +110,30 @@ def test_generators_return_named_fields():
         d = gen(rng, 32)
         assert isinstance(d, Drawn) and d.image.size == (32, 32), name
         assert d.question and d.answer and d.caption.endswith("."), name
+
+
+def test_gqa_asks_about_the_half_it_names_and_the_caption_binds_each_side():
+    """GQA's answer is the object in the named half (read off the pixels: an object's fill colour
+    lies only in its own half), and the stage-1 caption names each half's object right after
+    the side, sides in either order (minicoin._two_stacked)."""
+    from minimcit.minicoin import COLOURS, SIDES, gen_gqa
+
+    rng, orders = np.random.default_rng(5), Counter()
+    for _ in range(200):
+        d = gen_gqa(rng, 64)
+        px = np.asarray(d.image)
+        halves = [px[:32], px[32:]]
+        found = [{c for c, rgb in COLOURS.items() if (h == rgb).all(-1).sum() >= 6} for h in halves]
+        assert all(len(f) == 1 for f in found), found  # one object in each half
+        side = [i for i, s in enumerate(SIDES) if s in d.question]
+        assert len(side) == 1
+        (colour,), (other,) = found[side[0]], found[1 - side[0]]
+        named = dict(re.findall(r"(at the (?:top|bottom)) an? (\w+ \w+)", d.caption.lower()))
+        assert set(named) == set(SIDES) and named[SIDES[side[0]]].split()[0] == colour, d.caption
+        assert named[SIDES[1 - side[0]]].split()[0] == other
+        if "color" in d.question:
+            assert d.answer == colour
+        else:
+            assert d.answer == named[SIDES[side[0]]].split()[1]
+        orders[d.caption.lower().startswith(SIDES[0])] += 1
+    assert min(orders.values()) > 60  # both orders, so the side, not the position in the caption, names the object

@@ -5,7 +5,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,10 +45,14 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
     assert set(r["summary"]) >= {"AP", "MAP", "BWT", "ACC", "MFT", "FWT", "MIF"}
     assert r["protocol"] == "robust" and len(r["acc_matrix_official"]) == T + 1  # both protocols, always
     assert set(r["summary_official"]) >= {"AP", "BWT"}
-    for k in range(len(r["stages"]) + 1):  # every stage's predictions (joint: one stage), one file per task
-        assert (out / "predictions" / f"stage_{k}" / "caption.jsonl").is_file()
+    for k, row in enumerate(r["acc_matrix"]):  # the base on every task, then the tasks trained so far and the next
+        shown = T if k == 0 or method == "joint" else min(T, k + 1)
+        assert [v is not None for v in row] == [True] * shown + [False] * (T - shown)
+    for k in range(len(r["stages"]) + 1):  # every stage's predictions (joint: one stage), one file per task answered
+        shown = T if k == 0 or method == "joint" else min(T, k + 1)
+        assert sorted(p.stem for p in (out / "predictions" / f"stage_{k}").iterdir()) == sorted(r["tasks"][:shown])
     assert r["params"]["trainable"] > 0 and r["params"]["total_added"] >= r["params"]["trainable"]
-    assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row)
+    assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row if v is not None)
     for name in ("results.txt", "acc_matrix.png", "task_curves.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
     assert len(r["loss_curves"]) == len(r["stages"]) and all(c and c[-1][1] > 0 for c in r["loss_curves"])
@@ -347,7 +353,7 @@ def test_written_files_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     for name in ("results.json", "results.txt", "acc_matrix.png", "checkpoints/after_stage_1.pt",
-                 "predictions/stage_1/GQA.jsonl"):
+                 "predictions/stage_1/TextVQA.jsonl"):  # stage 1 answers ScienceQA and TextVQA
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
 
 
@@ -514,3 +520,21 @@ def test_a_run_is_the_same_whether_or_not_it_built_the_cached_base(tmp_path):
     assert run.main([*args, "--out", str(tmp_path / "hit")]) == 0
     a, b = (torch.load(tmp_path / d / "checkpoints" / "after_stage_6.pt", weights_only=True) for d in ("miss", "hit"))
     assert all(torch.equal(a["adapters"][k], b["adapters"][k]) for k in a["adapters"])
+
+
+def test_table_scripts_reuse_only_runs_made_on_this_minicoin(tmp_path):
+    """A complete run is reused as it is; one made on another MiniCoIN base (an older world or
+    stage 1) stops the table with the folder's name instead of entering it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.minicoin_table import run_or_reuse
+    from minimcit.pretrain import base_name
+
+    out = tmp_path / "seqlora"
+    out.mkdir()
+    stale = {"complete": True, "config": {"model": "/cache/minicoin-base-smoke-0123456789"}, "summary": {"AP": 1}}
+    (out / "results.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match=f"{out}: made on MiniCoIN base minicoin-base-smoke-0123456789"):
+        run_or_reuse(out, "seqlora", [], "minicvit", "smoke", 0)
+    fresh = dict(stale, config={"model": f"/cache/{base_name('smoke', 0)}"})
+    (out / "results.json").write_text(json.dumps(fresh))
+    assert run_or_reuse(out, "seqlora", [], "minicvit", "smoke", 0) == fresh  # reused, nothing run

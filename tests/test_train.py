@@ -14,7 +14,7 @@ from minimcit import train
 from minimcit.methods import make_method
 from minimcit.data import Collator, Sample
 from minimcit.processing import TextTokenizer
-from minimcit.train import TrainConfig, lr_factor, predict, train_stage
+from minimcit.train import TrainConfig, evaluated, lr_factor, predict, train_stage
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "what", "colour", "shape", "?", "ASSISTANT", ":", "red", "blue", "green",
          "big", "small", "circle"]
@@ -208,3 +208,11 @@ def test_group_by_modality_length_by_hand():
     assert order[-1] == 6
     for s in steps:  # one modality per step
         assert len({data[i].image is None for i in s}) == 1
+
+
+def test_evaluated_tasks_by_hand():
+    """After stage k the tasks trained so far and the next are answered (FWT reads a[k][k+1]);
+    the base answers every task, and a joint stage every task it trained."""
+    seq = [[0], [1], [2], [3]]
+    assert [evaluated(seq, k, 4) for k in range(5)] == [4, 2, 3, 4, 4]
+    assert [evaluated([[0, 1, 2, 3]], k, 4) for k in range(2)] == [4, 4]
