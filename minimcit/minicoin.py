@@ -181,9 +181,9 @@ def _cells(rng, size: int, n: int, span: int = 1, cols=None, rows=None, lo=0.75,
     and lo..hi of that block's side. Why a grid: at the default preset it is the vision tower's
     patch grid, and a ViT trained from scratch learns a shape that sits inside one patch in a few
     hundred steps but is slow to learn one cut at random across four (measured in
-    benchmarks/README.md), so a 2-core CPU can afford a base that sees the world. `cols` limits
-    the columns the blocks start in. With lo >= 0.75 the block's own box overlaps the object's
-    with IoU >= 0.56, so naming the right cells passes the grounding scorer."""
+    benchmarks/README.md), so a 2-core CPU can afford a base that sees the world. `cols` and
+    `rows` limit the columns and rows the blocks start in. With lo >= 0.75 the block's own box
+    overlaps the object's with IoU >= 0.56, so naming the right cells passes the grounding scorer."""
     cell = size / GRID
     starts = [(i, j) for i in (rows or range(GRID - span + 1)) for j in (cols or range(GRID - span + 1))]
     boxes, taken = [], set()
