@@ -293,6 +293,19 @@ SCORERS = {"letter": option_accuracy, "vqa": vqa_accuracy, "substring": substrin
 # --------------------------------------------------------------------------- continual metrics
 
 
+def answered(stages: list, n: int) -> list[int]:
+    """Per row of the accuracy matrix, how many of the n tasks (in order) were answered: every one
+    at the base (row 0), then after each stage the tasks trained so far and the next (a stage that
+    trains several tasks gives each of them its row). No metric reads a later task's score (FWT
+    reads a[k][k+1]), and on real data answering every test set after every stage would be most
+    of the evaluation's time; those cells stay None."""
+    rows, furthest = [n], -1
+    for stage in stages:
+        furthest = max(furthest, *stage)
+        rows += [min(n, furthest + 2)] * len(stage)
+    return rows
+
+
 def continual_summary(acc_matrix, format_matrix=None) -> dict:
     """Continual metrics from a[k][j] = score on task j after training task k; row 0 is the
     model before any task, so the matrix is (T+1) x T. Returns the final-stage values AP, MAP,

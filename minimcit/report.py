@@ -9,9 +9,15 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import atomic_write
+from .metrics import answered
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34)]
+
+
+def _answered(results: dict) -> list[int]:
+    tasks = results["tasks"]
+    return answered(results.get("stages") or [[j] for j in range(len(tasks))], len(tasks))
 
 
 def row_labels(results: dict) -> list[str]:
@@ -29,9 +35,9 @@ def _matrix_table(results: dict, key: str, title: str) -> list[str]:
     tasks = results["tasks"]
     width = max(9, *(len(t) for t in tasks)) + 1
     lines = [title, "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
-    for k, (row, label) in enumerate(zip(results[key], row_labels(results))):
-        # None: "-" past the next task (not evaluated, train.evaluated), else "n/a" (cannot be scored)
-        lines.append(label[:11].ljust(12) + "".join(("-" if 0 < k < j else "n/a").rjust(width) if v is None
+    for row, label, m in zip(results[key], row_labels(results), _answered(results)):
+        # None: "-" where the task was not answered (metrics.answered), else "n/a" (cannot be scored)
+        lines.append(label[:11].ljust(12) + "".join(("-" if j >= m else "n/a").rjust(width) if v is None
                                                     else f"{v:{width}.1f}" for j, v in enumerate(row)))
     s = results.get(key.replace("acc_matrix", "summary"))
     if s:
@@ -66,11 +72,11 @@ def heatmap(results: dict, path: Path) -> None:
     d.text((10, 10), f"{results['method']}: score after each stage", fill="black", font=_font(16))
     for j, t in enumerate(tasks):
         d.text((left + j * cell + 2, top - 18), t[:10], fill="black", font=_font(11))
-    for k, row in enumerate(a):
+    for k, (row, m) in enumerate(zip(a, _answered(results))):
         d.text((10, top + k * cell + cell // 2 - 7), "base" if k == 0 else f"after {k}", fill="black", font=_font(12))
         for j, v in enumerate(row):
-            if v is None:  # blank where not evaluated (past the next task), else "n/a"
-                if not 0 < k < j:
+            if v is None:  # blank where the task was not answered (metrics.answered), else "n/a"
+                if j < m:
                     d.text((left + j * cell + 10, top + k * cell + cell // 2 - 7), "n/a", fill="black", font=_font(13))
                 continue
             x, y, f = left + j * cell, top + k * cell, max(0.0, min(1.0, v / 100))

@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed as dist
 from .data import Collator, Sample, Task, select_rows
 from .method import Method
-from .metrics import continual_summary
+from .metrics import answered, continual_summary
 from .model import IGNORE_INDEX, Llava
 from .official import percent, score_items
 from .runfolder import (first_difference, load_checkpoint, run_lock, save_checkpoint, save_results, stages_done,
@@ -277,14 +277,6 @@ def score_task(task_scorer: str, rule: str | None, ids: list, questions: list, p
     return {"robust": percent(per["robust"]), "official": percent(per["official"])}, percent(per["format"]), items
 
 
-def evaluated(plan: list, stage: int, n: int) -> int:
-    """How many of the n tasks, in order, the evaluation after `stage` answers: every one at the
-    base (row 0), else those trained so far and the next. No metric reads a later task's score
-    (FWT reads a[k][k+1], SPEC §4), and on real data answering every test set after every stage
-    would be most of the evaluation's time; those cells stay None."""
-    return n if stage == 0 else min(n, max(j for tasks in plan[:stage] for j in tasks) + 2)
-
-
 def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0, identity="oracle",
              device="cpu", quiet=False, label: str = "eval", upto: int | None = None) -> Evaluation:
     """The first `upto` tasks' test items (every task's by default) answered and scored under
@@ -315,7 +307,7 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
                   run_info: dict | None = None, argv: list | None = None, skip_base: bool = False,
                   quiet: bool = False) -> dict:
     """Train the task sequence with `method` (already injected) stage by stage, as
-    `method.stages` lays it out, evaluating after each stage (`evaluated`) under both protocols;
+    `method.stages` lays it out, evaluating after each stage (`metrics.answered`) under both protocols;
     `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
     out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage.
     One run writes to a folder at a time (out/run.lock)."""
@@ -381,7 +373,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         method.end_task(k, sample_losses(model, method, samples, collator, cfg.seed * 1000 + 800 + k, device))
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
                       device=device, quiet=quiet, label=f"eval after stage {stage}",
-                      upto=evaluated(plan, stage, len(tasks)))
+                      upto=answered(plan, len(tasks))[sum(map(len, plan[:stage]))])
         write_predictions(out, stage, ev.items)
         add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
         if ev.hits:
@@ -415,7 +407,8 @@ def summarise(results: dict) -> None:
     for p in PROTOCOLS:
         where = suffix(results["protocol"], p)
         matrix = results[f"acc_matrix{where}"]
-        ok = results["complete"] and all(v is not None for k, row in enumerate(matrix[1:], 1) for v in row[:k + 1])
+        shown = answered(results["stages"], len(results["tasks"]))
+        ok = results["complete"] and all(v is not None for row, m in zip(matrix[1:], shown[1:]) for v in row[:m])
         results[f"summary{where}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
 
 
@@ -433,7 +426,7 @@ def rescore(out: Path) -> dict:
                 continue
             break
         rows, fmt = empty_row(len(tasks))
-        for j, task in enumerate(tasks[:evaluated(results["stages"], stage, len(tasks))]):
+        for j, task in enumerate(tasks[:answered(results["stages"], len(tasks))[sum(map(len, results["stages"][:stage]))]]):
             path = folder / f"{task}.jsonl"
             try:
                 records = [json.loads(line) for line in path.read_text().splitlines() if line]

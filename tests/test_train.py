@@ -14,7 +14,8 @@ from minimcit import train
 from minimcit.methods import make_method
 from minimcit.data import Collator, Sample
 from minimcit.processing import TextTokenizer
-from minimcit.train import TrainConfig, evaluated, lr_factor, predict, train_stage
+from minimcit.metrics import answered
+from minimcit.train import TrainConfig, lr_factor, predict, train_stage
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "what", "colour", "shape", "?", "ASSISTANT", ":", "red", "blue", "green",
          "big", "small", "circle"]
@@ -213,6 +214,5 @@ def test_group_by_modality_length_by_hand():
 def test_evaluated_tasks_by_hand():
     """After stage k the tasks trained so far and the next are answered (FWT reads a[k][k+1]);
     the base answers every task, and a joint stage every task it trained."""
-    seq = [[0], [1], [2], [3]]
-    assert [evaluated(seq, k, 4) for k in range(5)] == [4, 2, 3, 4, 4]
-    assert [evaluated([[0, 1, 2, 3]], k, 4) for k in range(2)] == [4, 4]
+    assert answered([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]
+    assert answered([[0, 1, 2, 3]], 4) == [4, 4, 4, 4, 4]  # one row per task the joint stage trained
