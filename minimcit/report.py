@@ -162,12 +162,17 @@ def scatter(points: list, path: Path, title: str, xlabel: str, ylabel: str) -> N
     for e in range(lo, hi + 1):
         d.line((x(10 ** e), T, x(10 ** e), H - B), fill=(225, 225, 225))
         d.text((x(10 ** e) - 12, H - B + 8), f"1e{e}", fill="black", font=_font(11))
-    for j, (label, px, py, err) in enumerate(points):
+    placed = []  # label corners so far: methods at one size share an x, and their labels must not overprint
+    for j, (label, px, py, err) in sorted(enumerate(points), key=lambda p: -p[1][2]):
         c = PALETTE[j % len(PALETTE)]
         if err:
             d.line((x(px), y(py - err), x(px), y(py + err)), fill=c, width=2)
         d.ellipse((x(px) - 4, y(py) - 4, x(px) + 4, y(py) + 4), fill=c)
-        d.text((x(px) + 6, y(py) - 14), label, fill=c, font=_font(12))
+        lx, ly = x(px) + 6, y(py) - 14
+        while any(abs(lx - ox) < 70 and abs(ly - oy) < 14 for ox, oy in placed):
+            ly += 14
+        placed.append((lx, ly))
+        d.text((lx, ly), label, fill=c, font=_font(12))
     d.text((L + (W - L - R) // 2 - 60, H - 22), xlabel, fill="black", font=_font(12))
     d.text((5, T - 20), ylabel, fill="black", font=_font(12))
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
