@@ -293,17 +293,23 @@ SCORERS = {"letter": option_accuracy, "vqa": vqa_accuracy, "substring": substrin
 # --------------------------------------------------------------------------- continual metrics
 
 
-def answered(stages: list, n: int) -> list[int]:
-    """Per row of the accuracy matrix, how many of the n tasks (in order) were answered: every one
-    at the base (row 0), then after each stage the tasks trained so far and the next (a stage that
-    trains several tasks gives each of them its row). No metric reads a later task's score (FWT
-    reads a[k][k+1]), and on real data answering every test set after every stage would be most
-    of the evaluation's time; those cells stay None."""
-    rows, furthest = [n], -1
+def answered_after(stages: list, n: int) -> list[int]:
+    """Per stage (0 = the base model), how many of the n tasks (in order) it answers: every one at
+    the base, then after each stage the tasks trained so far and the next. No metric reads a later
+    task's score (FWT reads a[k][k+1]), and on real data answering every test set after every
+    stage would be most of the evaluation's time; those cells stay None."""
+    counts, furthest = [n], -1
     for stage in stages:
         furthest = max(furthest, *stage)
-        rows += [min(n, furthest + 2)] * len(stage)
-    return rows
+        counts.append(min(n, furthest + 2))
+    return counts
+
+
+def answered(stages: list, n: int) -> list[int]:
+    """answered_after per row of the accuracy matrix: a stage that trains several tasks gives each
+    of them its row."""
+    counts = answered_after(stages, n)
+    return [counts[0]] + [c for c, stage in zip(counts[1:], stages) for _ in stage]
 
 
 def continual_summary(acc_matrix, format_matrix=None) -> dict:

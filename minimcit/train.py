@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed as dist
 from .data import Collator, Sample, Task, select_rows
 from .method import Method
-from .metrics import answered, continual_summary
+from .metrics import answered, answered_after, continual_summary
 from .model import IGNORE_INDEX, Llava
 from .official import percent, score_items
 from .runfolder import (first_difference, load_checkpoint, run_lock, save_checkpoint, save_results, stages_done,
@@ -358,6 +358,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             add_rows(results, ev.rows, ev.format, 1)
         save_results(out, results)
         done = 0
+    upto = answered_after(plan, len(tasks))
     for stage in range(done + 1, len(plan) + 1):
         t0 = time.time()
         k = stage - 1  # the method's task index of this stage
@@ -373,7 +374,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         method.end_task(k, sample_losses(model, method, samples, collator, cfg.seed * 1000 + 800 + k, device))
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
                       device=device, quiet=quiet, label=f"eval after stage {stage}",
-                      upto=answered(plan, len(tasks))[sum(map(len, plan[:stage]))])
+                      upto=upto[stage])
         write_predictions(out, stage, ev.items)
         add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
         if ev.hits:
@@ -404,10 +405,10 @@ def add_rows(results: dict, rows: dict, fmt: list, copies: int) -> None:
 def summarise(results: dict) -> None:
     """The continual metrics of each protocol once the run is complete; None for a protocol with
     a cell it could not score (e.g. official TextVQA without its ten answers)."""
+    shown = answered(results["stages"], len(results["tasks"]))
     for p in PROTOCOLS:
         where = suffix(results["protocol"], p)
         matrix = results[f"acc_matrix{where}"]
-        shown = answered(results["stages"], len(results["tasks"]))
         ok = results["complete"] and all(v is not None for row, m in zip(matrix[1:], shown[1:]) for v in row[:m])
         results[f"summary{where}"] = continual_summary(matrix, results["format_matrix"]) if ok else None
 
@@ -418,6 +419,7 @@ def rescore(out: Path) -> dict:
     results = json.loads((out / "results.json").read_text())
     scoring, tasks = results["scoring"], results["tasks"]
     results.update({f"acc_matrix{suffix(results['protocol'], p)}": [] for p in PROTOCOLS}, format_matrix=[])
+    upto = answered_after(results["stages"], len(tasks))
     for stage, copies in enumerate([1] + [len(s) for s in results["stages"]]):
         folder = out / "predictions" / f"stage_{stage}"
         if not folder.is_dir():
@@ -426,7 +428,7 @@ def rescore(out: Path) -> dict:
                 continue
             break
         rows, fmt = empty_row(len(tasks))
-        for j, task in enumerate(tasks[:answered(results["stages"], len(tasks))[sum(map(len, results["stages"][:stage]))]]):
+        for j, task in enumerate(tasks[:upto[stage]]):
             path = folder / f"{task}.jsonl"
             try:
                 records = [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -14,7 +14,7 @@ from minimcit import train
 from minimcit.methods import make_method
 from minimcit.data import Collator, Sample
 from minimcit.processing import TextTokenizer
-from minimcit.metrics import answered
+from minimcit.metrics import answered, answered_after
 from minimcit.train import TrainConfig, lr_factor, predict, train_stage
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "what", "colour", "shape", "?", "ASSISTANT", ":", "red", "blue", "green",
@@ -216,3 +216,7 @@ def test_evaluated_tasks_by_hand():
     the base answers every task, and a joint stage every task it trained."""
     assert answered([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]
     assert answered([[0, 1, 2, 3]], 4) == [4, 4, 4, 4, 4]  # one row per task the joint stage trained
+    assert answered_after([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]  # per stage, the base first
+    assert answered_after([[0, 1, 2, 3]], 4) == [4, 4]
+    assert answered_after([[0, 1], [2], [3]], 4) == [4, 3, 4, 4]  # a stage of two tasks, then one at a time
+    assert answered([[0, 1], [2], [3]], 4) == [4, 3, 3, 4, 4]
