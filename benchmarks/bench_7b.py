@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.param_table import LLAVA_7B  # noqa: E402
 from minimcit.methods import make_method  # noqa: E402
 from minimcit.model import IGNORE_INDEX, Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
-from minimcit.train import TrainConfig, micro_step, optimizer, trained_projector  # noqa: E402
+from minimcit.train import TrainConfig, micro_step, optimizer, step_loss, trained_projector  # noqa: E402
 
 aten = torch.ops.aten
 METHODS = ("seqlora", "dirlora", "joint", "moelora", "branchlora", "lilora")
@@ -104,13 +104,13 @@ def build(c: LlavaConfig, method: str, ckpt: bool, device="cpu", dtype=torch.bfl
     recipe = TrainConfig(train_projector=method != "lilora", projector_lr=2e-5, lr=2e-4, gradient_checkpointing=ckpt)
     params = m.trainable_parameters() + trained_projector(model, m, recipe)
     model.train()
-    model.language_model.gradient_checkpointing = ckpt
     return model, m, params, optimizer(params, [], recipe)
 
 
-def step(model, method, params, opt, b, device="cpu"):
+def step(model, method, params, opt, b, device="cpu", ckpt=False):
     n_tokens = b["labels"].shape[0] * (b["labels"].shape[1] - 1)  # a bound: only a count, not a shape
-    micro_step(model, method, b, n_tokens, 1, 0, device)
+    micro_step(model, method, b, n_tokens, 1, 0, device, checkpointing=ckpt)
+    step_loss(method, 0, 1.0)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -242,7 +242,7 @@ def record(c: LlavaConfig, method: str, ckpt: bool, batch: int, prompt: int, ans
     tape = Tape()
     with tape:
         for _ in range(3):
-            step(model, m, params, opt, b)
+            step(model, m, params, opt, b, ckpt=ckpt)
     return tape.tape
 
 
@@ -253,14 +253,14 @@ def two_steps(c: LlavaConfig, method: str, ckpt: bool, batch: int, prompt: int, 
     b = make_batch(c, batch, prompt, answer)
     mem.hold(*model.parameters(), *model.buffers(), *b.values())
     with mem:
-        step(model, m, params, opt, b)
+        step(model, m, params, opt, b, ckpt=ckpt)
         gc.collect()
         held, mem_first = mem.now, mem.peak
         mem.reset_peak()
-        step(model, m, params, opt, b)
+        step(model, m, params, opt, b, ckpt=ckpt)
         gc.collect()
     with flops:  # a step of its own: the counter's module hooks hold tensors longer than a plain step
-        step(model, m, params, opt, b)
+        step(model, m, params, opt, b, ckpt=ckpt)
     return model, params, mem, held, mem_first, flops.get_total_flops()
 
 
@@ -295,12 +295,12 @@ def _rss_child(method: str, ckpt: bool, batch: int, prompt: int, answer: int) ->
     """Runs in its own process: the real step's peak resident memory above the bytes held before it."""
     model, m, params, opt = build(SMALL, method, ckpt)
     b = make_batch(SMALL, batch, prompt, answer)
-    step(model, m, params, opt, b)  # the first step creates AdamW's state
+    step(model, m, params, opt, b, ckpt=ckpt)  # the first step creates AdamW's state
     gc.collect()
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     t0 = time.perf_counter()
-    step(model, m, params, opt, b)
+    step(model, m, params, opt, b, ckpt=ckpt)
     print(f"{_status('VmHWM') - before} {time.perf_counter() - t0:.2f}")
 
 
@@ -359,7 +359,7 @@ def measure(reps: int, methods, peak_tflops: float):
             model, m, params, opt = build(c, method, ckpt, device)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            secs = timed(lambda: step(model, m, params, opt, b, device))
+            secs = timed(lambda: step(model, m, params, opt, b, device, ckpt))
             peak = torch.cuda.max_memory_allocated() if gpu else float("nan")
             rows.append((f"{method} (ours)", ckpt, secs, peak, model_flops))
             del model, m, params, opt

@@ -295,6 +295,14 @@ class BranchLoRA(Method):
         finally:
             self.ctx.mask, self.ctx.collect = None, False
 
+    @contextmanager
+    def recompute_context(self):
+        collect, self.ctx.collect = self.ctx.collect, False  # the gates were counted in the forward
+        try:
+            yield
+        finally:
+            self.ctx.collect = collect
+
 
 # --------------------------------------------------------------------------- LiLoRA
 
@@ -351,7 +359,8 @@ class LiLoRALinear(AdapterLinear):
             cur = (self.task_B[t] @ self.task_A[t]).flatten()
             prev = (self.task_B[t - 1] @ self.task_A[t - 1]).flatten()
             norms = cur.norm() * prev.norm()
-            sim = cur @ prev / norms if norms > 0 else cur.new_zeros(())  # LiLoRA Eq. 7; Decision: cos with 0 is 0
+            # LiLoRA Eq. 7; Decision: cos with 0 is 0 (decided on the device: no host sync)
+            sim = torch.where(norms > 0, cur @ prev / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
         return (1 - sim) * (self.lora_B0 - self.B0_prev).pow(2).sum()  # LiLoRA Eq. 8
 
 
@@ -413,9 +422,8 @@ class LiLoRA(Method):
                 # The released code trains B0 on the first task only; the paper's Algorithm 1 on every task.
                 layer.lora_B0.requires_grad_(not (self.freeze_basis_after_first_task and t > 0))
 
-    def extra_loss(self, batch, task, logits=None):
-        losses = [] if (align := super().extra_loss(batch, task)) is None else [align]
+    def step_loss(self, task):
         if self.num_tasks > 1 and not (self.freeze_basis_after_first_task or self.share_a_only):
             reg = sum(layer.reg_loss() for layer in self.layers)  # L_reg summed over layers (Decision)
-            losses.append(self.reg_weight * reg)  # LiLoRA Eq. 8: L = L_task + lambda L_reg
-        return sum(losses) if losses else None
+            return self.reg_weight * reg  # LiLoRA Eq. 8: L = L_task + lambda L_reg
+        return None

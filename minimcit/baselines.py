@@ -85,7 +85,7 @@ class EWC(SeqLoRA):
                 fisher += sq / max(1, n)  # online EWC: F <- F + F_t
                 star.copy_(p)  # theta* <- theta
 
-    def extra_loss(self, batch, task, logits=None):
+    def step_loss(self, task):
         if self.num_tasks < 2:
             return None  # nothing consolidated yet
         penalty = sum((fisher * (p - star) ** 2).sum() for p, fisher, star in self.pairs())
@@ -192,8 +192,8 @@ class OLoRA(LoRAMethod):
         for layer in self.layers:
             layer.add_task()
 
-    def extra_loss(self, batch, task, logits=None):
-        losses = [] if (align := super().extra_loss(batch, task)) is None else [align]
+    def step_loss(self, task):
+        losses = []
         if self.lambda1 and self.num_tasks > 1:
             losses.append(self.lambda1 * sum(layer.orthogonality() for layer in self.layers))
         if self.lambda2:

@@ -7,6 +7,14 @@ dealt out across processes, the gradients of the trainable tensors are summed wi
 (gloo on CPU, NCCL on GPU), and every process takes the same optimiser step, so the flags give
 the same optimisation at any world size: the global batch is batch_size x grad_accum samples.
 
+NCCL takes only tensors on the process's own GPU, where gloo takes CPU tensors too, so a
+collective given a CPU tensor works in every CPU test and stops a GPU run at its first step.
+Every collective here therefore goes through `_on_group`, which places its tensor on the
+group's device (`device()`: cuda:LOCAL_RANK under NCCL, cpu under gloo) and back; the loop
+also builds its own collective tensors there, so on a GPU nothing is copied.
+tests/test_distributed.py declares the group's device to be `meta`, which no CPU tensor is on,
+and checks every collective of a training stage against it.
+
 Why not the DistributedDataParallel wrapper: its reducer syncs the parameters of the wrapped
 module's forward, while here the step is `Llava.loss` and two method losses read tensors outside
 the model (the task selector's keys for L_align, LiLoRA's B0 snapshot for L_reg). Summing the
@@ -21,16 +29,30 @@ import os
 import torch
 import torch.distributed as dist
 
+_device = torch.device("cpu")  # the process group's device; set by init
+
 
 def init(device) -> tuple[int, int]:
     """(rank, world size); starts the process group when torchrun launched more than one process."""
+    global _device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         cuda = str(device).startswith("cuda")
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            _device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(_device)
         dist.init_process_group("nccl" if cuda else "gloo")
     return rank(), world_size()
+
+
+def device() -> torch.device:
+    """Where the process group's collectives take their tensors (NCCL: this process's GPU)."""
+    return _device
+
+
+def _on_group(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the group's device: itself when it is already there, else a copy."""
+    return tensor if tensor.device == _device else tensor.to(_device)
 
 
 def finish() -> None:
@@ -60,9 +82,12 @@ def barrier() -> None:
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over processes (a no-op alone)."""
+    """In-place sum over processes (a no-op alone), on the group's device whatever `tensor`'s."""
     if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        buf = _on_group(tensor)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        if buf is not tensor:
+            tensor.copy_(buf)
     return tensor
 
 
@@ -75,8 +100,7 @@ def sum_gradients(params) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = sum_(torch.cat([p.grad.reshape(-1) for p in params]))
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))

@@ -3,7 +3,7 @@ s * delta(x), keeping W0's state-dict keys), injection by full module name, and 
 cycle `Method` runs. The four adapter families and their methods are in adapters.py.
 
 The life cycle: start_task (which calls the method's one hook, `add_task_parameters`) -> train
-(train_samples, trainable parameters + extra_loss) -> end_task; then use_task / select_tasks at
+(train_samples, trainable parameters + extra_loss per micro-batch + step_loss per step) -> end_task; then use_task / select_tasks at
 inference, merge, and parameter accounting. `stages` says which tasks each training stage sees.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -169,11 +169,21 @@ class Method:
                                          batch["instruction_mask"])
         return self.align_weight * self.selector.align_loss(e_img, e_txt, task)  # lambda * L_align
 
+    def step_loss(self, task: int):
+        """Method losses of the parameters alone (no batch in them), already weighted; added once
+        per optimiser step, not once per micro-batch (None when there are none)."""
+        return None
+
     @contextmanager
     def batch_context(self, attention_mask=None, training: bool = False):
-        """Wrap each forward (or generate) call: methods that route per sequence or collect
-        statistics read the batch's padding mask from here."""
+        """Wrap each forward (or generate) call, and a training forward's backward: methods that
+        route per sequence or collect statistics read the batch's padding mask from here."""
         yield
+
+    def recompute_context(self):
+        """The context a checkpointed layer is recomputed in, during the backward (inside
+        batch_context): what a method does once per forward must not happen twice."""
+        return nullcontext()
 
     # -- inference
     def use_task(self, t: int) -> None:

@@ -8,6 +8,7 @@ Module names follow transformers' LlavaModel tree without its `model.` prefix
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -353,13 +354,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.gradient_checkpointing = False
 
-    def forward(self, x, positions, mask, cache: KVCache | None = None):  # x (B, T, C) embeddings
+    def forward(self, x, positions, mask, cache: KVCache | None = None, recompute=None):  # x (B, T, C) embeddings
+        """`recompute`: None, or a context-manager factory that turns gradient checkpointing on: each
+        layer's activations are dropped after the forward and recomputed in the backward, inside
+        `recompute()` (a method that counts statistics in its forward must not count them twice)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            if recompute is not None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
+                                                      context_fn=lambda: (nullcontext(), recompute()))
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -438,13 +442,15 @@ class Llava(nn.Module):
         mask = attention_mask_4d(attention_mask, input_ids.shape[1], 0)
         return self.lm_head(self.language_model(x, positions, mask))
 
-    def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+    def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None, recompute=None):
         """Logits (n, V) at the n positions whose next token is labelled, and those tokens (n,).
         lm_head runs only there: in LLaVA data most positions are prompt and image tokens, so
-        this skips most of the vocabulary projection."""
+        this skips most of the vocabulary projection. `recompute`: gradient checkpointing
+        (LlamaModel.forward)."""
         x = self.embed(input_ids, pixel_values)
         h = self.language_model(x, _positions(attention_mask, input_ids),
-                                attention_mask_4d(attention_mask, input_ids.shape[1], 0))  # (B, T, C)
+                                attention_mask_4d(attention_mask, input_ids.shape[1], 0),
+                                recompute=recompute)  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
         keep = target != IGNORE_INDEX
         return self.lm_head(h[:, :-1][keep]), target[keep]  # (n, V), (n,)

@@ -77,8 +77,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    return {k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
 def autocast(device, model: Llava):
@@ -104,19 +104,37 @@ def modality_length_order(perm: list, samples: list[Sample], per_step: int, g: t
     return [i for chunk in full for i in chunk] + sorted((i for c in rest for i in c), key=lambda i: -length[i])
 
 
-def micro_step(model: Llava, method: Method | None, b: dict, n_tokens: int, n_micro: int, task: int, device):
-    """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens over its
-    `n_micro` micro-batches; gradients accumulate in .grad. Returns the micro-batch's share of the
-    step's loss (detached). benchmarks/bench_7b.py measures this very function at the 7B shape."""
+def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: int, task: int, device,
+               checkpointing: bool = False):
+    """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens (a number,
+    or a tensor on the device) over its `n_micro` micro-batches; gradients accumulate in .grad.
+    Returns the micro-batch's share of the step's loss (detached, on the device). The backward
+    runs inside the method's batch context, where a checkpointed layer is recomputed.
+    benchmarks/bench_7b.py and minimcit/plan.py measure this very function."""
     ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
-    with autocast(device, model), ctx:
-        logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-        loss = F.cross_entropy(logits.float(), target, reduction="sum") / max(1, n_tokens)  # each answer token once
-        extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
-        if extra is not None:
-            loss = loss + extra / n_micro
-    loss.backward()
+    recompute = (method.recompute_context if method else nullcontext) if checkpointing else None
+    with ctx:
+        with autocast(device, model):
+            logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"],
+                                                 b["labels"], recompute=recompute)
+            loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_tokens  # each answer token once
+            extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
+            if extra is not None:
+                loss = loss + extra / n_micro
+        loss.backward()
     return loss.detach()
+
+
+def step_loss(method: Method | None, task: int, share: float):
+    """The method's parameter-only losses, once per optimiser step, weighted by this process's
+    share of the step's micro-batches (the shares of all processes sum to 1); backward taken.
+    Returns the weighted loss (detached), or None. In fp32: no autocast around it."""
+    extra = method.step_loss(task) if method and share else None
+    if extra is None:
+        return None
+    extra = extra * share
+    extra.backward()
+    return extra.detach()
 
 
 def sample_losses(model: Llava, method: Method, samples: list[Sample], collator: Collator, seed: int, device):
@@ -162,7 +180,6 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
     params = [p for group in opt.param_groups for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
-    model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
     rank, world = dist.rank(), dist.world_size()
     steps = []  # per step: every micro-batch of the step, and those this process takes
@@ -172,18 +189,26 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         steps.append((chunks, chunks[rank::world]))
     # Images are decoded in DataLoader workers while the model trains; the batches are fixed above,
     # so the worker count changes nothing but speed.
+    cuda = str(device).startswith("cuda")
     loader = iter(torch.utils.data.DataLoader(
         samples, batch_sampler=[c for _, mine in steps for c in mine], collate_fn=collator,
-        num_workers=min(cfg.num_workers, os.cpu_count() or 1), pin_memory=str(device).startswith("cuda"),
+        num_workers=min(cfg.num_workers, os.cpu_count() or 1), pin_memory=cuda,
         prefetch_factor=4 if cfg.num_workers else None))
     for step, (chunks, mine) in enumerate(steps):
-        micro = [to_device(next(loader), device) for _ in mine]
+        # The step's batches wait in (pinned) host memory: their answer tokens are counted there, and
+        # each goes to the device only as its forward starts, so one micro-batch is on it at a time.
+        micro = [next(loader) for _ in mine]
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        n_tokens = int(dist.sum_(torch.tensor(float(local))).item())  # the step's answer tokens, every process
-        loss_value = torch.zeros((), dtype=torch.float64)
+        # The step's answer tokens over every process: summed on the device, and kept there (no sync).
+        n_tokens = dist.sum_(torch.tensor(local, device=device)).clamp(min=1)
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
-            loss_value += micro_step(model, method, b, n_tokens, len(chunks), task, device).item()
-        loss_value = float(dist.sum_(loss_value).item())
+            loss_total += micro_step(model, method, to_device(b, device, non_blocking=cuda), n_tokens, len(chunks),
+                                     task, device, checkpointing=cfg.gradient_checkpointing)
+        extra = step_loss(method, task, len(mine) / len(chunks))
+        if extra is not None:
+            loss_total += extra
+        loss_value = float(dist.sum_(loss_total).item())  # the step's one host sync
         if not math.isfinite(loss_value):  # decided on the summed value, so every process stops together
             raise FloatingPointError(f"{label}: loss is {loss_value} at step {step + 1}/{total}; stopping "
                                      "(lower --lr, or check the data)")

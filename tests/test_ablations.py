@@ -23,7 +23,7 @@ def test_lilora_share_a_only_is_a_full_b_per_task_on_the_shared_a():
         hand = x @ layer.weight.T + layer.bias + 2.0 * x @ layer.lora_A.T @ layer.task_B[t].T  # s = 8 / 4
         torch.testing.assert_close(layer(x), hand)
     assert not layer.task_B[0].requires_grad and layer.task_B[1].requires_grad and layer.lora_A.requires_grad
-    assert m.extra_loss(batch(), 1) is None  # no basis, so no L_reg
+    assert m.step_loss(1) is None  # no basis, so no L_reg
     # TP/EP: per task a full (out, r) B against LiLoRA's B~ (out, r~) A~ (r~, r) + phi
     full = parameter_report(tiny_config(), "lilora", 2, r=4, share_a_only=True)
     outs = sum(lay.out_features for lay in m.layers)

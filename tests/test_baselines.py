@@ -59,7 +59,7 @@ def test_ewc_fisher_and_penalty_by_hand_on_two_parameters():
         layer.lora_A[0].fill_(0.7)  # moved by 0.2
         layer.lora_B[0].fill_(1.5)  # moved by -0.5
     # lambda/2 (F_a 0.2^2 + F_b 0.5^2) = 1.5 (544 * 0.04 + 34 * 0.25) = 1.5 * 30.26 = 45.39
-    assert m.extra_loss({}, 1).item() == pytest.approx(45.39, rel=1e-5)
+    assert m.step_loss(1).item() == pytest.approx(45.39, rel=1e-5)
 
     # Online: F_2 at (a, b) = (0.7, 1.5) on x = 1: y = 1 + 1.05 = 2.05;
     # dL/da = 2 * 2.05 * 1.5 = 6.15, dL/db = 2 * 2.05 * 0.7 = 2.87; F <- F + F_2.
@@ -67,12 +67,12 @@ def test_ewc_fisher_and_penalty_by_hand_on_two_parameters():
     assert layer.fisher_A.item() == pytest.approx(544.0 + 6.15 ** 2, rel=1e-5)
     assert layer.fisher_B.item() == pytest.approx(34.0 + 2.87 ** 2, rel=1e-5)
     assert layer.star_A.item() == pytest.approx(0.7) and layer.star_B.item() == pytest.approx(1.5)
-    assert m.extra_loss({}, 2).item() == 0.0  # theta = theta*
+    assert m.step_loss(2).item() == 0.0  # theta = theta*
 
 
 def test_ewc_has_no_penalty_on_the_first_task_and_needs_samples():
     _, m, _ = two_parameter_ewc()
-    assert m.extra_loss({}, 0) is None
+    assert m.step_loss(0) is None
     with pytest.raises(ValueError, match="Fisher"):
         m.end_task(0)
 
@@ -136,19 +136,19 @@ def test_olora_loss_weights_and_earlier_loras_untouched_by_training():
     randomise(m.trainable_parameters(), seed=1, std=0.2)
     # On the first task only the L2 term: l2 * sum ||A_0||^2 + ||B_0||^2
     l2 = sum(layer.lora_A[0].pow(2).sum() + layer.lora_B[0].pow(2).sum() for layer in m.layers)
-    torch.testing.assert_close(m.extra_loss(batch(), 0), 0.25 * l2)
+    torch.testing.assert_close(m.step_loss(0), 0.25 * l2)
     m.start_task(1)
     randomise(m.trainable_parameters(), seed=2, std=0.2)
     old = [(layer.lora_A[0].clone(), layer.lora_B[0].clone()) for layer in m.layers]
     expected = (0.5 * sum((layer.lora_A[0] @ layer.lora_A[1].T).pow(2).sum() for layer in m.layers)
                 + 0.25 * sum(layer.lora_A[1].pow(2).sum() + layer.lora_B[1].pow(2).sum() for layer in m.layers))
-    torch.testing.assert_close(m.extra_loss(batch(), 1), expected)
+    torch.testing.assert_close(m.step_loss(1), expected)
     opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
     model.train()
     for _ in range(3):
         b = batch()
         loss_sum, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-        (loss_sum / n + m.extra_loss(b, 1)).backward()
+        (loss_sum / n + m.step_loss(1)).backward()
         opt.step()
         opt.zero_grad()
     assert all(torch.equal(a, layer.lora_A[0]) and torch.equal(bb, layer.lora_B[0])
@@ -241,4 +241,4 @@ def test_ewc_with_dora_anchors_the_magnitude_too():
     with torch.no_grad():
         layer.lora_magnitude[0].fill_(3.0)
     expected = m.ewc_lambda / 2 * layer.fisher_magnitude.item() * 1.0 ** 2
-    assert layer.fisher_magnitude.item() > 0 and m.extra_loss({}, 1).item() == pytest.approx(expected, rel=1e-6)
+    assert layer.fisher_magnitude.item() > 0 and m.step_loss(1).item() == pytest.approx(expected, rel=1e-6)
