@@ -12,6 +12,7 @@ results.txt, acc_matrix.png, task_curves.png and adapter-only checkpoints after 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,12 +27,14 @@ from minimcit.methods import DORA, METHODS, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
+from minimcit.checkpoint import read_config
 from minimcit.model import Llava
+from minimcit.plan import GiB, data_shapes, device_memory, make_plan
 from minimcit.pretrain import pretrain_base
 from minimcit.processing import SYSTEM, TextTokenizer
 from minimcit.report import write_report
 from minimcit.runfolder import load_checkpoint, run_lock, stages_done, start_task, write_evaluation
-from minimcit.train import TrainConfig, evaluate, rescore, run_continual
+from minimcit.train import TrainConfig, evaluate, keep_freed_memory, rescore, run_continual
 
 # Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
 # CoIN (scripts/LLaVA/Train/*.sh), for its LoRA and MoELoRA and so for BranchLoRA, which builds on it:
@@ -73,6 +76,9 @@ def parse_args(argv=None):
                    help="evaluate a run's saved adapters again into OUT/evaluations/ (the run's own command is reused)")
     p.add_argument("--stage", type=int, help="with --evaluate: which stage's adapters (default: the last finished)")
     p.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the base model (row 0 stays empty)")
+    p.add_argument("--device-memory", type=float, metavar="GB",
+                   help="real data: plan micro-batch, checkpointing and eval batch for this much device memory "
+                        "(GiB; default on a GPU: its free memory; on a CPU: no plan, the recipe as it is)")
     p.add_argument("--dtype", choices=["fp32", "bf16"],
                    help="the frozen base's dtype (default: bf16 on CUDA, fp32 on CPU); adapters stay fp32")
     p.add_argument("--quiet", action="store_true")
@@ -182,7 +188,7 @@ def validate(args) -> None:
     positive = {"max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task,
                 "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
-                "max_new_tokens": args.max_new_tokens, "r": args.r, "num_branches": args.num_branches,
+                "max_new_tokens": args.max_new_tokens, "device_memory": args.device_memory, "r": args.r, "num_branches": args.num_branches,
                 "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task,
                 "fisher_samples": args.fisher_samples, "temperature": args.temperature}
     for name, value in positive.items():
@@ -294,7 +300,7 @@ def run(args, argv: list) -> int:
     try:
         results = run_continual(s.model, s.method, s.tasks, s.collator, s.cfg, out, identity=s.identity,
                                 resume=args.resume, primary=s.primary, device=s.device, run_info=s.run_info,
-                                argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet)
+                                argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet, plan=s.plan)
     finally:
         dist.finish()
     if dist.is_main():
@@ -324,7 +330,7 @@ def evaluate_run(out: Path, stage: int | None) -> int:
             load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", s.method, s.model, s.cfg)
         else:  # the base model, as the run evaluated it: the first task's adapters started, still the identity
             start_task(s.method, 0, s.cfg)
-        ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method if stage else None,
+        ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method,
                       trained=s.method.num_tasks if stage else 0, identity=s.identity, device=s.device,
                       quiet=args.quiet)
         folder = write_evaluation(out, stage, ev, s.primary, ["--evaluate", str(out)])
@@ -345,6 +351,7 @@ class Setup:
     primary: str
     device: torch.device
     run_info: dict
+    plan: dict | None = None  # the memory plan the run follows (real data on a GPU, or --device-memory)
 
 
 def build(args) -> Setup:
@@ -356,6 +363,8 @@ def build(args) -> Setup:
     device = torch.device(args.device)
     if device.type == "cuda" and dist.world_size() > 1:  # torchrun: this process's own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cpu":
+        keep_freed_memory()
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
 
@@ -368,7 +377,9 @@ def build(args) -> Setup:
         model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=True)
         tasks = order_tasks(minicoin(args.tasks, args.preset, args.seed), args.task_order)
         model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
-        tok_path = model_path
+        # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
+        # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).
+        collator, plan = make_collator(model_path, model.config, ""), None
     else:
         needed = ("image_root", "model") if args.tasks == "custom" else ("data_root", "image_root", "model")
         missing = missing_flags(args, needed)
@@ -387,18 +398,16 @@ def build(args) -> Setup:
             raise FileNotFoundError(f"{len(gone)} image(s) the run would read are missing under {args.image_root}, "
                                     f"e.g.\n  {shown}\n(run.py --check-data lists every fault)")
         print_data_plan(args, tasks, cfg, identity)
+        c = read_config(args.model, vision_tower=args.vision_tower)
+        tok_path = args.tokenizer or args.model
+        collator = make_collator(tok_path, c, SYSTEM)
+        plan = memory_plan(args, c, hp, cfg, tasks, collator, device, dtype)
+        if plan is not None:
+            cfg = dataclasses.replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
+                                      gradient_checkpointing=plan.gradient_checkpointing,
+                                      eval_batch_size=plan.eval_batch_size)
         model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,
                                       dtype=dtype, device=device)
-        tok_path = args.tokenizer or args.model
-    tok = TextTokenizer(tok_path)
-    c = model.config
-    if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
-        raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
-                         f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
-    # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
-    # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).
-    collator = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size,
-                        system="" if mini else SYSTEM)
     # Adapters built at injection draw from the seed here, whatever ran before (stage 1 on a cache miss).
     torch.manual_seed(args.seed)
     method = make_method(args.method, model, **hp)
@@ -415,7 +424,45 @@ def build(args) -> Setup:
                          "contents": content_fingerprint(tasks, args.model, tok_path, args.projector,
                                                          args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS)})
     primary = "robust" if mini or args.tasks == "custom" else "official"
-    return Setup(model, method, tasks, collator, cfg, identity, primary, device, run_info)
+    return Setup(model, method, tasks, collator, cfg, identity, primary, device, run_info,
+                 None if plan is None else plan.to_dict())
+
+
+def make_collator(tok_path, c, system: str) -> Collator:
+    tok = TextTokenizer(tok_path)
+    if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
+        raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
+                         f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
+    return Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size, system=system)
+
+
+def memory_plan(args, c, hp: dict, cfg: TrainConfig, tasks, collator, device, dtype):
+    """The memory plan (plan.py) for this device, made on rank 0 and shared, or None on a CPU run
+    without --device-memory (host memory is not what limits a CPU run)."""
+    if device.type != "cuda" and args.device_memory is None:
+        return None
+    plan = None
+    if dist.is_main():
+        memory = int(args.device_memory * GiB) if args.device_memory is not None else device_memory(device)
+        train_shape, eval_shape = data_shapes(tasks, collator, cfg.max_new_tokens)
+        given = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+        quiet = args.quiet
+
+        def say(line):
+            if not quiet:
+                print(line, file=sys.stderr, flush=True)
+
+        try:
+            plan = make_plan(c, args.method, hp, cfg, memory=memory, train=train_shape, evaluation=eval_shape,
+                             tasks=len(tasks), given=given, dtype=dtype, progress=say)
+        except MemoryError as e:
+            plan = str(e)
+    plan = dist.broadcast(plan)
+    if isinstance(plan, str):  # every process stops with rank 0's reason
+        raise ValueError(plan)
+    if not args.quiet:
+        print(plan.summary(), file=sys.stderr)
+    return plan
 
 
 def _digest(path: Path) -> str:

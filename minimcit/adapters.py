@@ -31,6 +31,8 @@ class LoRALinear(AdapterLinear):
     computes it: W' = m * (W0 + s B A) / ||W0 + s B A||, the norm per output row and detached
     in the forward (DoRA §4.3), and a magnitude m (out,) per pair, starting at ||W0|| (B = 0)."""
 
+    mergeable = True
+
     def __init__(self, base, r: int, alpha: float, dora: bool = False):
         super().__init__(base, r, alpha)
         self.lora_A = nn.ParameterList()
@@ -46,14 +48,14 @@ class LoRALinear(AdapterLinear):
         if self.dora:
             self.lora_magnitude.append(nn.Parameter(torch.linalg.norm(self.weight.detach().float(), dim=1)))  # ||W0||
 
-    def delta(self, x):
-        return self.scaling * F.linear(F.linear(self.drop(x), self.lora_A[self.task]), self.lora_B[self.task])
+    def update(self, x):
+        return self.scaling * F.linear(self.drop(x), self.lora_A[self.task]), self.lora_B[self.task]  # (..., r): s A x
 
     def weight_norm(self):  # ||W0 + s B A|| per output row, (out,)
         return torch.linalg.norm(self.weight.float() + self.scaling * self.lora_B[self.task] @ self.lora_A[self.task], dim=1)
 
     def forward(self, x):
-        if not self.dora or self.merged:
+        if not self.dora or self.plain:
             return super().forward(x)
         y = F.linear(x, self.weight, self.bias)
         scale = self.lora_magnitude[self.task] / self.weight_norm().detach()  # DoRA Eq. 5: m / ||W0 + s B A||
@@ -133,15 +135,53 @@ class MoELoRALinear(AdapterLinear):
         self.lora_B = self.zeros(self.out_features, num_experts * self.r_e)
         self.router = kaiming(self.zeros(num_experts, self.in_features))  # R (N, in), no bias
 
-    def delta(self, x):
+    def update(self, x):
         g = F.linear(x, self.router).softmax(-1)  # (..., N) dense gates
         if self.dropout and self.training:  # CoIN draws each expert's dropout mask on its own
-            xs = F.dropout(x.unsqueeze(-2).expand(*x.shape[:-1], self.num_experts, -1), self.dropout)  # (..., N, in)
-            a = torch.einsum("...ni,nri->...nr", xs, self.lora_A.view(self.num_experts, self.r_e, -1))
+            a = expert_dropout(x, self.lora_A, self.num_experts, self.dropout)  # (..., N, r/N): A_n drop_n(x)
         else:
             a = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.r_e))  # (..., N, r/N): A_n x
         # sum_n g_n B_n A_n x == [B_1 .. B_N] (g_1 A_1 x; ...; g_N A_N x): one matmul for all experts
-        return self.scaling * F.linear((g[..., None] * a).flatten(-2), self.lora_B)
+        return self.scaling * (g[..., None] * a).flatten(-2), self.lora_B  # h (..., r)
+
+
+class ExpertDropout(torch.autograd.Function):
+    """A_n drop_n(x) for every expert n, each with its own dropout mask, without holding N dropped
+    copies of x: the masks come from a generator seeded once per call, and the backward draws them
+    again, one expert at a time. Memory: x (saved once, as a plain linear saves it), not N x."""
+
+    @staticmethod
+    def forward(ctx, x, A, n: int, p: float, seed: int):  # x (..., in), A (n * r_e, in)
+        ctx.save_for_backward(x, A)
+        ctx.n, ctx.p, ctx.seed = n, p, seed
+        A_n = A.to(x.dtype).view(n, -1, A.shape[-1])  # (n, r_e, in)
+        return torch.stack([F.linear(x * m, A_n[k]) for k, m in enumerate(expert_masks(x, n, p, seed))], -2)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., n, r_e)
+        x, A = ctx.saved_tensors
+        A_n = A.to(x.dtype).view(ctx.n, -1, A.shape[-1])
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gA = torch.empty(ctx.n, A_n.shape[1], A.shape[-1], dtype=torch.float32, device=A.device)
+        for k, m in enumerate(expert_masks(x, ctx.n, ctx.p, ctx.seed)):
+            g = grad[..., k, :].to(x.dtype)  # (..., r_e)
+            gA[k] = (g.reshape(-1, g.shape[-1]).t() @ (x * m).reshape(-1, x.shape[-1])).float()
+            if gx is not None:
+                gx += (g @ A_n[k]) * m
+        return gx, gA.view_as(A).to(A.dtype), None, None, None
+
+
+def expert_masks(x, n: int, p: float, seed: int):
+    """The n dropout masks of one call, scaled by 1 / (1 - p), drawn one at a time in x's dtype."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    for _ in range(n):
+        yield torch.empty_like(x).bernoulli_(1 - p, generator=g) / (1 - p)
+
+
+def expert_dropout(x, A, n: int, p: float):
+    seed = int(torch.randint(2**62, (), generator=None))  # from the global CPU stream: checkpointing replays it
+    return ExpertDropout.apply(x, A, n, p, seed)
 
 
 class MoELoRA(Method):
@@ -223,7 +263,7 @@ class BranchLoRALinear(AdapterLinear):
         mask = self.ctx.mask
         return mask if mask is not None and mask.shape == x.shape[:2] else None
 
-    def delta(self, x):
+    def update(self, x):
         a = F.linear(self.drop(x), self.lora_A)  # (B, T, r_b): A x, computed once for every branch
         g = self.gates(x).expand(*x.shape[:-1], -1)  # (B, T, N), k non-zero per token
         if self.ctx.collect and self.training:
@@ -234,8 +274,8 @@ class BranchLoRALinear(AdapterLinear):
         # sum_{n in topk} g_n B_n (A x) = [B_1 .. B_N] (g_1 A x; ...; g_N A x): the N - k zero gates
         # drop out. One dense matmul was faster than gathering only the k chosen branches per
         # token (sort + per-branch matmul + index_add), measured on CPU: benchmarks/README.md.
-        h = (g[..., None] * a[..., None, :]).flatten(-2)  # (B, T, N * r_b)
-        return self.scaling * F.linear(h, torch.cat(list(self.lora_B), dim=1))  # B_cat (out, N * r_b)
+        h = (g[..., None] * (self.scaling * a)[..., None, :]).flatten(-2)  # (B, T, N * r_b)
+        return h, torch.cat(list(self.lora_B), dim=1)  # B_cat (out, N * r_b)
 
     def freeze_most_used(self) -> list[int]:
         """Tuning-freezing: freeze the k branches with the most gate mass this task among those
@@ -311,6 +351,8 @@ class LiLoRALinear(AdapterLinear):
     """LiLoRA: shared A (r, in) and basis B0 (out, r); per task B~_t (out, r~), A~_t (r~, r) and
     a fusion scalar phi_t."""
 
+    mergeable = True
+
     def __init__(self, base, r: int, alpha: float, r_task: int, fixed_alpha: float | None = None):
         super().__init__(base, r, alpha)
         self.r_task, self.fixed_alpha = r_task, fixed_alpha
@@ -336,12 +378,13 @@ class LiLoRALinear(AdapterLinear):
             return self.lora_A.new_tensor(self.fixed_alpha)
         return torch.sigmoid(self.phi[t])  # alpha_t = Sigmoid(phi_t), LiLoRA Eq. 5
 
-    def delta(self, x):
+    def update(self, x):
         t, alpha = self.task, self.fusion(self.task)
-        a = F.linear(self.drop(x), self.lora_A)  # (..., r): A x
-        shared = F.linear(a, self.lora_B0)  # B0 A x
-        specific = F.linear(F.linear(a, self.task_A[t]), self.task_B[t])  # B~_t A~_t A x
-        return self.scaling * (alpha * shared + (1 - alpha) * specific)  # LiLoRA Eq. 6 applied to x
+        a = self.scaling * F.linear(self.drop(x), self.lora_A)  # (..., r): s A x
+        # LiLoRA Eq. 6 applied to x: s (alpha B0 + (1 - alpha) B~_t A~_t) A x
+        #   = [B0 | B~_t] (alpha s A x ; (1 - alpha) A~_t s A x): one GEMM for both paths
+        h = torch.cat([alpha * a, (1 - alpha) * F.linear(a, self.task_A[t])], dim=-1)  # (..., r + r~)
+        return h, torch.cat([self.lora_B0, self.task_B[t]], dim=1)  # (out, r + r~)
 
     def delta_weight(self, t: int | None = None):
         t = self.task if t is None else t
@@ -368,6 +411,8 @@ class SharedALinear(AdapterLinear):
     """LiLoRA's Table 2 row "Share A" alone: y = W0 x + s B_t A x, a full per-task B_t (out, r)
     on the shared A; no basis, no decomposition, no fusion."""
 
+    mergeable = True
+
     def __init__(self, base, r: int, alpha: float):
         super().__init__(base, r, alpha)
         self.lora_A = kaiming(self.zeros(r, self.in_features))  # shared A
@@ -378,8 +423,8 @@ class SharedALinear(AdapterLinear):
             p.requires_grad_(False)
         self.task_B.append(self.zeros(self.out_features, self.r))
 
-    def delta(self, x):
-        return self.scaling * F.linear(F.linear(self.drop(x), self.lora_A), self.task_B[self.task])
+    def update(self, x):
+        return self.scaling * F.linear(self.drop(x), self.lora_A), self.task_B[self.task]  # (..., r): s A x
 
     def delta_weight(self):
         return self.scaling * self.task_B[self.task] @ self.lora_A  # (out, in)

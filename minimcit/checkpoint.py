@@ -163,24 +163,33 @@ def original_config(llm_folder: Path, clip_folder: Path, image_token_index) -> L
     }, source=f"{llm_path} + {clip_path}")
 
 
-def load_llava(cls, path, *, vision_tower=None, projector=None, image_token_index=None,
-               dtype=None, device=None) -> Llava:
+def read_config(path, *, vision_tower=None, image_token_index=None) -> LlavaConfig:
+    """The model's config from its folder (and the CLIP folder, original layout), no weights read:
+    what the memory plan needs before the model loads."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
+    if vision_tower is not None:
+        return original_config(path, Path(vision_tower), image_token_index)
+    raw = read_json(path / "config.json")
+    if "vision_config" not in raw:
+        raise ValueError(f"{path / 'config.json'}: missing field 'vision_config'; for an original-LLaVA "
+                         "LLM folder, pass vision_tower= (the CLIP folder)")
+    config = LlavaConfig.from_dict(raw, source=str(path / "config.json"))
+    if image_token_index is not None:
+        config.image_token_index = image_token_index
+    return config
+
+
+def load_llava(cls, path, *, vision_tower=None, projector=None, image_token_index=None,
+               dtype=None, device=None) -> Llava:
+    path = Path(path)
     dtype = dtype or torch.float32
+    config = read_config(path, vision_tower=vision_tower, image_token_index=image_token_index)
     if vision_tower is None:
-        raw = read_json(path / "config.json")
-        if "vision_config" not in raw:
-            raise ValueError(f"{path / 'config.json'}: missing field 'vision_config'; for an original-LLaVA "
-                             "LLM folder, pass vision_tower= (the CLIP folder)")
-        config = LlavaConfig.from_dict(raw, source=str(path / "config.json"))
-        if image_token_index is not None:
-            config.image_token_index = image_token_index
         sources = [(f, HF_LAYOUT) for f in weight_files(path)]
     else:
         vision_tower = Path(vision_tower)
-        config = original_config(path, vision_tower, image_token_index)
         sources = [(f, LLM_LAYOUT) for f in weight_files(path)]
         sources += [(f, CLIP_LAYOUT) for f in weight_files(vision_tower)]
     if projector is not None:

@@ -287,17 +287,6 @@ def missing_images(tasks: list[Task]) -> list[Path]:
 # --------------------------------------------------------------------------- collation
 
 
-def select_rows(batch: dict, rows: list[int], image_token_index: int) -> dict:
-    """The sub-batch of `rows`. pixel_values holds one image per row that has one, in row order,
-    so the rows' images are picked by counting image rows."""
-    has_image = (batch["input_ids"] == image_token_index).any(1).tolist()  # (B,)
-    image_of = {r: sum(has_image[:r]) for r in range(len(has_image)) if has_image[r]}
-    out = {k: v[rows] for k, v in batch.items() if k != "pixel_values"}
-    picked = [image_of[r] for r in rows if r in image_of]
-    out["pixel_values"] = batch["pixel_values"][picked] if picked else None
-    return out
-
-
 class Collator:
     """Samples -> a batch dict: input_ids, attention_mask, pixel_values, instruction_mask (the
     question's tokens, which the task selector reads) and, for training, labels (answers and eos
@@ -317,20 +306,28 @@ class Collator:
             return preprocess_image(s.image, self.image_size)
         return load_image(s.image, self.image_size)
 
+    def encode(self, s: Sample, prompt_only: bool = False):
+        if self.plain:
+            r = encode_plain(self.tok, "" if prompt_only else s.answer, num_image_tokens=self.n_img,
+                             image_token_index=self.img_id)
+            # the prompt is the image alone: drop the empty caption's eos
+            return r._replace(ids=r.ids[:-1], labels=r.labels[:-1]) if prompt_only else r
+        return encode_example(self.tok, s.question, None if prompt_only else s.answer, num_image_tokens=self.n_img,
+                              image_token_index=self.img_id, with_image=s.image is not None,
+                              later_turns=() if prompt_only else s.later_turns, system=self.system)
+
+    def prompt_length(self, s: Sample) -> int:
+        """Tokens of the prompt `generate` continues (image tokens included)."""
+        return len(self.encode(s, prompt_only=True).ids)
+
+    def prompts(self, samples: list[Sample]) -> dict:
+        """The left-padded prompt batch of `samples` (a DataLoader's collate_fn at evaluation)."""
+        return self(samples, prompt_only=True)
+
     def __call__(self, samples: list[Sample], prompt_only: bool = False) -> dict:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        if self.plain:
-            rows = [encode_plain(self.tok, "" if prompt_only else s.answer, num_image_tokens=self.n_img,
-                                 image_token_index=self.img_id) for s in samples]
-            if prompt_only:  # the prompt is the image alone: drop the empty caption's eos
-                rows = [r._replace(ids=r.ids[:-1], labels=r.labels[:-1]) for r in rows]
-        else:
-            rows = [encode_example(self.tok, s.question, None if prompt_only else s.answer,
-                                   num_image_tokens=self.n_img, image_token_index=self.img_id,
-                                   with_image=s.image is not None, later_turns=() if prompt_only else s.later_turns,
-                                   system=self.system)
-                    for s in samples]
+        rows = [self.encode(s, prompt_only) for s in samples]
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

@@ -43,8 +43,11 @@ class AdapterLinear(nn.Module):
         self.bias = base.bias
         self.r, self.scaling = r, alpha / r
         self.task = 0  # which task's parameters the forward uses
-        self.merged = False
+        self.plain = False  # the forward is W0 x + b alone: while merged, or while the base model answers
+        self.w0 = None  # while merged: W0 as it was (host memory), to restore exactly
         self.dropout = 0.0  # on the adapter's input while training, as the reference codebases do
+
+    mergeable = False  # True where delta_weight exists: the update is one matrix, not routed per input
 
     def drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
@@ -54,29 +57,43 @@ class AdapterLinear(nn.Module):
         return nn.Parameter(torch.zeros(*shape, device=self.weight.device, dtype=torch.float32))
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.plain:
             return y
-        return y + self.delta(x.to(torch.float32)).to(y.dtype)
+        h, B = self.update(x)  # s * delta(x) = h B^T
+        # y += h B^T in one GEMM: no (..., out) temporary for the update, nor a pass for s (in h).
+        # x stays in its dtype: under autocast the adapter GEMMs run in bf16 whatever x's dtype,
+        # so an fp32 copy of x would cost bytes and change nothing.
+        return y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype),
+                                                    B.t().to(y.dtype)).view(y.shape)
 
-    def delta(self, x):  # s * (adapter update) x, x in float32
+    def update(self, x):
+        """The active task's update as one product, s * delta(x) = h B^T: h (..., k) and B (out, k),
+        with s already in h (a k-wide tensor, k the adapter's rank, not the layer's width)."""
         raise NotImplementedError
+
+    def delta(self, x):  # s * (adapter update) x, (..., out)
+        h, B = self.update(x)
+        return F.linear(h, B)
 
     def delta_weight(self):  # (out, in): s * DeltaW of the active task
         raise NotImplementedError(f"{type(self).__name__} routes per input and cannot be merged")
 
     def merge(self) -> None:
-        """W0 <- W0 + s DeltaW_task: a plain Linear's cost, same outputs."""
-        if not self.merged:
+        """W0 <- W0 + s DeltaW_task: a plain Linear's cost, the same outputs up to rounding (in bf16,
+        W0 + s DeltaW is rounded to bf16). W0 is kept in host memory, so unmerge restores it exactly
+        (subtracting DeltaW again would not, in floating point)."""
+        if self.w0 is None:
             with torch.no_grad():
+                self.w0 = self.weight.detach().to("cpu", copy=True)
                 self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
+            self.plain = True
 
     def unmerge(self) -> None:
-        if self.merged:
+        if self.w0 is not None:
             with torch.no_grad():
-                self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
+                self.weight.copy_(self.w0)
+            self.w0, self.plain = None, False
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
@@ -206,6 +223,37 @@ class Method:
     def unmerge(self) -> None:
         for layer in self.layers:
             layer.unmerge()
+
+    @property
+    def mergeable(self) -> bool:
+        return all(layer.mergeable for layer in self.layers)
+
+    @contextmanager
+    def base_model(self):
+        """The base model, before any task: every layer's forward is W0 alone. The adapters are
+        still the identity then (B = 0), so this skips their arithmetic and changes no output."""
+        for layer in self.layers:
+            layer.plain = True
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.plain = False
+
+    @contextmanager
+    def inference(self, t: int | None):
+        """Task t's parameters for generation (None: a method without task identity), merged into W0
+        where every layer allows it (the LoRA family, O-LoRA, LiLoRA), and W0 restored exactly after."""
+        if not self.mergeable:
+            if t is not None:
+                self.use_task(t)
+            yield
+            return
+        self.merge(0 if t is None else t)
+        try:
+            yield
+        finally:
+            self.unmerge()
 
     # -- accounting and checkpoints
     def adapter_tensors(self) -> dict:

@@ -8,6 +8,7 @@ is in official.py; ROBUST_FIXES lists where the two differ and why.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -73,6 +74,7 @@ PUNCTUATIONS = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_
                 "?", "!"]
 
 
+@functools.lru_cache(maxsize=1 << 17)  # a run scores the same golds after every stage
 def evalai_answer(item: str, lower=str.lower) -> str:
     """EvalAIAnswerProcessor.__call__: word_tokenize, then process_punctuation, then
     process_digit_article. `lower` is str.lower there; the robust protocol passes str.casefold."""
@@ -98,13 +100,18 @@ def evalai_answer(item: str, lower=str.lower) -> str:
 def textvqa_scores(answers: list[str], lower=str.lower) -> dict:
     """TextVQAAccuracyEvaluator._compute_answer_scores: for each distinct processed answer, the
     mean over the ten leave-one-out subsets of min(1, matches / 3). The script asserts ten."""
+    return dict(_textvqa_scores(tuple(answers), lower))
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _textvqa_scores(answers: tuple, lower) -> tuple:
     answers = [evalai_answer(a, lower) for a in answers]
     scores = {}
     for unique in set(answers):
         accs = [min(1.0, sum(1 for j, a in enumerate(answers) if j != i and a == unique) / 3)
                 for i in range(len(answers))]
         scores[unique] = sum(accs) / len(accs)
-    return scores
+    return tuple(scores.items())
 
 
 

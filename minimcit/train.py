@@ -11,6 +11,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .data import Collator, Sample, Task, select_rows
+from .data import Collator, Sample, Task
 from .method import Method
 from .metrics import answered, answered_after, continual_summary
 from .model import IGNORE_INDEX, Llava
@@ -68,6 +69,20 @@ class Progress:
         eta = elapsed / done * (self.total - done)
         print(f"\r[{self.label}] {self.unit} {done}/{self.total} {detail} ETA {eta:.0f}s   ",
               end="" if done < self.total else "\n", file=sys.stderr, flush=True)
+
+
+def keep_freed_memory() -> None:
+    """CPU runs: glibc gives freed blocks above its mmap threshold (128 KiB, raised adaptively up to
+    32 MiB) back to the OS, and the next allocation of that size faults zero-filled pages back in.
+    Every layer's activations are such blocks, so a CPU forward spent 20-25% of its time in page
+    faults (MiniCoIN prefill: benchmarks/README.md). Keep freed memory for reuse instead. Numbers
+    are unchanged; the process holds its peak memory until it exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest value glibc accepts; fixed, no longer adaptive
+    libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap's top
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -228,41 +243,64 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
 # --------------------------------------------------------------------------- evaluation
 
 
+def eval_batches(samples: list[Sample], collator: Collator, batch_size: int) -> list[list[int]]:
+    """The items' indices cut into batches of similar prompt length, longest first: little left
+    padding, and the largest batch runs first, so one that does not fit fails at once."""
+    length = [collator.prompt_length(s) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: -length[i])  # stable: ties keep the file's order
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def dealt(samples: list[Sample], collator: Collator, cfg: TrainConfig, device, answer, label=None) -> list:
+    """answer(prompt batch on the device) -> one result per row, for every sample, in order. The
+    batches (eval_batches) are dealt out across processes under torchrun and gathered back;
+    prompts are collated (images decoded) in DataLoader workers while the model generates."""
+    batches = eval_batches(samples, collator, cfg.eval_batch_size)
+    mine = batches[dist.rank()::dist.world_size()]
+    cuda = str(device).startswith("cuda")
+    workers = min(cfg.num_workers, os.cpu_count() or 1) if mine else 0
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=mine, collate_fn=collator.prompts,
+                                         num_workers=workers, pin_memory=cuda,
+                                         prefetch_factor=2 if workers else None)
+    progress = Progress(label, len(mine), quiet=label is None or len(mine) < 2, unit="batch")
+    out = {}
+    for k, (rows, batch) in enumerate(zip(mine, loader)):
+        out.update(zip(rows, answer(to_device(batch, device, non_blocking=cuda))))
+        progress.update(k + 1)
+    found = {i: v for part in dist.gather(out) for i, v in part.items()}
+    return [found[i] for i in range(len(samples))]
+
+
 def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainConfig, *, method=None,
-            trained: int = 0, identity: str = "oracle", true_task: int = 0, device="cpu"):
+            trained: int = 0, identity: str = "oracle", true_task: int = 0, device="cpu", label=None):
     """Greedy answers for `samples`, with the task chosen by oracle identity or the selector.
-    Returns (predictions, selector hits or None). Under torchrun the eval batches are dealt out
-    across processes (the same batches as alone) and gathered back in order."""
+    Returns (predictions, selector hits or None). The items are grouped by the task whose
+    parameters answer them (all of them under oracle identity; the selector's choice, made first
+    for every item, otherwise), and each group is answered with that task's parameters merged
+    into W0 where the method allows it (Method.inference)."""
     task_specific = method is not None and method.task_specific and trained > 0
-    mine = {}
-    starts = list(range(0, len(samples), cfg.eval_batch_size))
-    for start in starts[dist.rank()::dist.world_size()]:
-        chunk, hits = samples[start:start + cfg.eval_batch_size], []
-        batch = to_device(collator(chunk, prompt_only=True), device)
-        if not task_specific:
-            groups = {None: list(range(len(chunk)))}
-        elif identity == "selector":
-            picked = method.select_tasks(batch).tolist()
-            hits += [p == true_task for p in picked]
-            groups = {t: [i for i, p in enumerate(picked) if p == t] for t in set(picked)}
-        else:  # oracle: the task's own parameters; an unseen task uses the newest ones
-            groups = {min(true_task, trained - 1): list(range(len(chunk)))}
-        out = [None] * len(chunk)
-        for t, rows in groups.items():
-            if t is not None:
-                method.use_task(t)
-            sub = select_rows(batch, rows, collator.img_id)
-            ctx = method.batch_context(sub["attention_mask"]) if method else nullcontext()
-            with ctx, autocast(device, model):
-                new_ids = model.generate(sub["input_ids"], sub["pixel_values"], sub["attention_mask"],
-                                         max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
-                                         pad_token_id=collator.tok.pad_id)
-            for r, ids in zip(rows, new_ids.tolist()):
-                out[r] = collator.tok.decode(ids).strip()
-        mine[start] = (out, hits)
-    done = {k: v for part in dist.gather(mine) for k, v in part.items()}
-    preds = [p for start in starts for p in done[start][0]]
-    hits = [h for start in starts for h in done[start][1]]
+    if not task_specific:
+        picked = [None] * len(samples)
+    elif identity == "selector":
+        picked = dealt(samples, collator, cfg, device, lambda b: method.select_tasks(b).tolist())
+    else:  # oracle: the task's own parameters; an unseen task uses the newest ones
+        picked = [min(true_task, trained - 1)] * len(samples)
+
+    def answer(b):
+        ctx = method.batch_context(b["attention_mask"]) if method else nullcontext()
+        with ctx, autocast(device, model):
+            new_ids = model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"],
+                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
+                                     pad_token_id=collator.tok.pad_id)
+        return [collator.tok.decode(ids).strip() for ids in new_ids.tolist()]
+
+    preds = [None] * len(samples)
+    for t in sorted(set(picked), key=lambda t: -1 if t is None else t):
+        rows = [i for i, p in enumerate(picked) if p == t]
+        with nullcontext() if method is None else method.inference(t) if trained else method.base_model():
+            for i, p in zip(rows, dealt([samples[i] for i in rows], collator, cfg, device, answer, label)):
+                preds[i] = p
+    hits = [p == true_task for p in picked]
     return preds, (hits if identity == "selector" and task_specific and true_task < trained else None)
 
 
@@ -311,7 +349,7 @@ def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0,
     progress = Progress(label, upto, quiet, unit="task")
     for j, task in enumerate(tasks[:upto]):
         preds, h = predict(model, task.test, collator, cfg, method=method, trained=trained, identity=identity,
-                           true_task=j, device=device)
+                           true_task=j, device=device, label=None if quiet else f"{label} {task.name}")
         scores, fmt, ev.items[task.name] = score_task(task.scorer, task.official, [s.id for s in task.test],
                                                       [s.question for s in task.test], preds,
                                                       [s.target for s in task.test], [s.size for s in task.test])
@@ -330,7 +368,7 @@ def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0,
 def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Collator, cfg: TrainConfig, out: Path,
                   *, identity: str = "oracle", primary: str = "robust", resume: bool = False, device="cpu",
                   run_info: dict | None = None, argv: list | None = None, skip_base: bool = False,
-                  quiet: bool = False) -> dict:
+                  quiet: bool = False, plan: dict | None = None) -> dict:
     """Train the task sequence with `method` (already injected) stage by stage, as
     `method.stages` lays it out, evaluating after each stage (`metrics.answered`) under both protocols;
     `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
@@ -340,17 +378,28 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
     with run_lock(out):  # taken by rank 0 alone, which alone writes
         return _run_stages(model, method, tasks, collator, cfg, out, identity=identity, primary=primary,
                            resume=resume, device=device, run_info=run_info, argv=argv, skip_base=skip_base,
-                           quiet=quiet)
+                           quiet=quiet, memory_plan=plan)
+
+
+# How a run executes, not what it computes: the memory plan (or a flag) sets them per device, so a
+# run resumed on another GPU may differ here; the global batch is what the optimisation sees.
+EXECUTION = ("batch_size", "grad_accum", "gradient_checkpointing", "eval_batch_size", "num_workers")
+
+
+def experiment(cfg: TrainConfig) -> dict:
+    """The recipe as the run's fingerprint holds it: the execution settings replaced by the global batch."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION}
+    return {**d, "global_batch": cfg.batch_size * cfg.grad_accum}
 
 
 def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, argv,
-                skip_base, quiet):
+                skip_base, quiet, memory_plan):
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     names = [t.name for t in tasks]
     plan = method.stages(len(tasks))  # the tasks each stage trains on
     projector = trained_projector(model, method, cfg)
-    fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": asdict(cfg),
+    fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": experiment(cfg),
                    **(run_info or {})}
     other = next(p for p in PROTOCOLS if p != primary)  # Decision (SPEC §3): both protocols' matrices are kept
     results = {"method": fingerprint["method"], "tasks": names, "stages": plan, "protocol": primary,
@@ -369,6 +418,8 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
     elif (out / "results.json").is_file():
         raise FileExistsError(f"{out / 'results.json'} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing already written is overwritten)")
+    results["plan"] = memory_plan  # this sitting's: a resumed run may run on another device
+    results["execution"] = {k: getattr(cfg, k) for k in EXECUTION}
     dist.barrier()  # every process has read the folder before rank 0 writes to it
 
     if done < 0:  # row 0: the base model; every adapter is still the identity
@@ -378,7 +429,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
         if skip_base:  # row 0 left empty: every metric but FWT stands without it
             add_rows(results, *empty_row(len(tasks)), 1)
         else:
-            ev = evaluate(model, tasks, collator, cfg, device=device, quiet=quiet, label="eval base")
+            ev = evaluate(model, tasks, collator, cfg, method=method, device=device, quiet=quiet, label="eval base")
             write_predictions(out, 0, ev.items)
             add_rows(results, ev.rows, ev.format, 1)
         save_results(out, results)

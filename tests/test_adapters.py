@@ -508,16 +508,23 @@ def test_adapter_dropout_acts_on_the_adapter_input_while_training_only():
     layer = moe.layers[0]
     randomise([layer.lora_A, layer.lora_B, layer.router])
     layer.train()
+    x = x.clone().requires_grad_(True)
     torch.manual_seed(3)
     got = layer(x)
-    torch.manual_seed(3)
-    masks = F.dropout(x.unsqueeze(-2).expand(2, 3, 4, -1), 0.5)  # (2, 3, N, in): one mask per expert
-    assert not torch.equal(masks[..., 0, :], masks[..., 1, :])
+    torch.manual_seed(3)  # the masks, drawn by hand: the call's seed, then one mask per expert
+    masks = list(adapters.expert_masks(x.detach(), 4, 0.5, int(torch.randint(2**62, ()))))
+    assert not torch.equal(masks[0], masks[1]) and {0.0, 2.0} == set(masks[0].unique().tolist())
     g = (x @ layer.router.T).softmax(-1)
     want = F.linear(x, layer.weight, layer.bias)
-    for n in range(4):
+    for n in range(4):  # CoIN's MoELoRA: expert n reads its own dropped copy of x
         A_n, B_n = layer.lora_A[2 * n:2 * n + 2], layer.lora_B[:, 2 * n:2 * n + 2]
-        want = want + layer.scaling * g[..., n:n + 1] * (masks[..., n, :] @ A_n.T @ B_n.T)
+        want = want + layer.scaling * g[..., n:n + 1] * ((x * masks[n]) @ A_n.T @ B_n.T)
     torch.testing.assert_close(got, want)
+    # The backward draws the masks again instead of holding N dropped copies: the same gradients.
+    up = torch.randn_like(got)
+    ours = torch.autograd.grad(got, [x, layer.lora_A, layer.lora_B, layer.router], up)
+    theirs = torch.autograd.grad(want, [x, layer.lora_A, layer.lora_B, layer.router], up)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="dropout must be in"):
         make_method("seqlora", tiny_llava(), r=4, lora_alpha=8, dropout=1.0, verbose=False)
