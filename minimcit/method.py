@@ -57,15 +57,16 @@ class AdapterLinear(nn.Module):
         return nn.Parameter(torch.zeros(*shape, device=self.weight.device, dtype=torch.float32))
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.plain:
-            return y
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (n, out), not a view
         h, B = self.update(x)  # s * delta(x) = h B^T
-        # y += h B^T in one GEMM: no (..., out) temporary for the update, nor a pass for s (in h).
+        # y += h B^T in one GEMM: no (..., out) temporary for the update, nor a pass for s (in h);
+        # in place on y itself, not on a view of it, whose backward would copy the gradient twice.
         # x stays in its dtype: under autocast the adapter GEMMs run in bf16 whatever x's dtype,
         # so an fp32 copy of x would cost bytes and change nothing.
-        return y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype),
-                                                    B.t().to(y.dtype)).view(y.shape)
+        y.addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
 
     def update(self, x):
         """The active task's update as one product, s * delta(x) = h B^T: h (..., k) and B (out, k),

@@ -189,8 +189,7 @@ def build(c: LlavaConfig, method: str, hparams: dict, cfg, tasks: int, dtype):
     from .train import optimizer, trained_projector
 
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Llava(c)
+    model = Llava(c)
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             t.data = t.data.to(dtype)  # per tensor, not Module.to(), which fake tensors refuse

@@ -528,3 +528,30 @@ def test_adapter_dropout_acts_on_the_adapter_input_while_training_only():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="dropout must be in"):
         make_method("seqlora", tiny_llava(), r=4, lora_alpha=8, dropout=1.0, verbose=False)
+
+
+@pytest.mark.parametrize("name,hp", [("seqlora", {}), ("moelora", {"num_experts": 4}), ("branchlora", {"num_branches": 4}),
+                                     ("lilora", {}), ("olora", {})])
+def test_bf16_layer_equals_the_fp32_update_within_bf16_rounding(name, hp):
+    """Under autocast the layer adds h B^T into the bf16 base output in one GEMM, from x as it comes
+    (no fp32 copy). Against the update computed in fp32 from x.float() and added after a cast,
+    outputs and adapter gradients agree within bf16 rounding: 2^-6 of the largest value (bf16 keeps
+    8 significant bits; the two paths round at different places)."""
+    model = tiny_llava()
+    m = make_method(name, model, r=8, lora_alpha=16, verbose=False, **hp)
+    m.start_task(0)
+    layer = m.layers[0]
+    randomise(m.adapter_parameters(), seed=2, std=0.3)
+    layer.weight.data, layer.bias = layer.weight.data.bfloat16(), None
+    x = torch.randn(2, 5, layer.in_features).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = layer(x)
+    own = [p for p in layer.parameters() if p.requires_grad]
+    ours_grads = torch.autograd.grad(ours.float().square().sum(), own)
+    with torch.autocast("cpu", enabled=False):
+        ref = (F.linear(x, layer.weight).float() + layer.delta(x.float())).bfloat16()
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), own)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=0, atol=2**-6 * ref.float().abs().max().item())
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=2**-6 * b.abs().max().item())
