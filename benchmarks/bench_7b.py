@@ -179,7 +179,8 @@ def eval_time(method: str, sizes: list[int], peak_flops: float, bandwidth: float
           f"{host * 1e6:.0f} us host time per op), eval batch {batch} (the plan's, {memory:.0f} GiB), "
           f"{PROMPT.length}-token prompts, every row decoding {cfg.max_new_tokens} tokens:")
     print(f"  one batch: {seconds:.2f} s ({ops} ops); {items} test items in {batches} batches over the protocol's "
-          f"{sum(upto)} task evaluations; test sets {dict(zip(COIN_TEST, sizes))}")
+          f"{sum(upto)} task evaluations; test sets {sizes}"
+          + (f" ({', '.join(COIN_TEST)})" if len(sizes) == len(COIN_TEST) else ""))
     print(f"  predicted evaluation time: {total / 3600:.2f} h")
     return total
 
@@ -239,8 +240,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--eval-time", action="store_true")
     p.add_argument("--method", default="branchlora", choices=METHODS, help="--eval-time: the method")
-    p.add_argument("--sizes", type=int, nargs=8, default=list(COIN_TEST.values()),
-                   help="--eval-time: CoIN's eight test-set sizes in task order (run.py --check-data prints them)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(COIN_TEST.values()),
+                   help="--eval-time: the test-set sizes in task order (run.py --check-data prints them)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--bandwidth", type=float, default=3.35, help="memory bandwidth, TB/s (H100 SXM: 3.35)")
     p.add_argument("--host-us", type=float, default=10.0, help="host time per launched op, microseconds")

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from .data import read_json_list, test_sample, read_textvqa_answers, train_sample, task_files
+from .metrics import answered_after
 
 COLUMNS = ["items", "text-only", "bad items", "missing images", "unreadable images", "duplicate ids"]
 
@@ -91,6 +92,11 @@ def check_benchmark(name: str, data_root, image_root, instructions: str = "origi
         for split, file, (counts, found) in (("train", folder / "train.json", train), ("test", test_file, test)):
             rows.append((task, split, file.name, counts))
             faults += found
+    sizes = [c["items"] - c["bad items"] for _, split, _, c in rows if split == "test"]
+    upto = answered_after([[t] for t in range(len(sizes))], len(sizes))
+    notes.append(f"test sets {' '.join(map(str, sizes))}: the protocol answers {sum(sum(sizes[:u]) for u in upto)} "
+                 f"items over {sum(upto)} task evaluations; its time at 7B on one H100: python benchmarks/bench_7b.py "
+                 f"--eval-time --sizes {' '.join(map(str, sizes))}")
     width = max(len(r[0]) for r in rows) + 2
     head = "task".ljust(width) + "split  file        " + "".join(c.rjust(len(c) + 2) for c in COLUMNS)
     lines = [head] + [t.ljust(width) + s.ljust(7) + f.ljust(12) + "".join(str(c.get(k, 0)).rjust(len(k) + 2)

@@ -177,7 +177,10 @@ def test_check_data_finds_every_planted_fault(tmp_path, capsys):
     data, images = write_fixture(tmp_path / "coin", n=3)
     args = ["--tasks", "coin", "--check-data", "--data-root", str(data), "--image-root", str(images)]
     assert run.main(args) == 0
-    assert "no faults found" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no faults found" in out
+    # three test items a task: the base row answers 8 tasks, stages 1-7 two to eight, stage 8 eight
+    assert "test sets 3 3 3 3 3 3 3 3: the protocol answers 153 items over 51 task evaluations" in out
     root = data / "Instructions_Original"
 
     def edit(file, fn):
