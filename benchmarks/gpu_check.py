@@ -138,11 +138,7 @@ def step_row(c, method, device, memory, reps, peak_tflops):
            "seconds": secs, "peak_gib": None if peak is None else peak / GiB, "predicted_gib": plan.train_peak / GiB,
            "tokens_per_s": tokens / secs,
            "mfu": flops.get_total_flops() * plan.batch_size / secs / (peak_tflops * 1e12)}
-    del model, m, params, opt
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row, b
+    return row, b  # the model goes with this frame: the next method's is built after
 
 
 def peft_row(c, b, device, reps, peak_tflops):
@@ -189,8 +185,6 @@ def peft_row(c, b, device, reps, peak_tflops):
     with flops:
         one()
     peak = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else None
-    del hf, params, opt
-    gc.collect()
     return {"method": "transformers+peft lora", "micro_batch": len(b["input_ids"]), "checkpointing": False,
             "seconds": secs, "peak_gib": peak, "predicted_gib": None, "tokens_per_s": b["input_ids"].numel() / secs,
             "mfu": flops.get_total_flops() / secs / (peak_tflops * 1e12)}
@@ -209,8 +203,6 @@ def eval_row(c, device, memory, method="branchlora"):
             model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=cfg.max_new_tokens,
                            eos_token_id=None)
     secs = timed(gen, device, 1)
-    del model, m
-    gc.collect()
     return {"method": method, "eval_batch": plan.eval_batch_size, "seconds": secs, "new_tokens": cfg.max_new_tokens,
             "items_per_s": plan.eval_batch_size / secs, "predicted_gib": plan.eval_peak / GiB}
 
@@ -263,6 +255,9 @@ def main():
     rows, batch = [], None
     for method in args.methods:
         row, b = step_row(c, method, device, memory, args.reps, args.peak_tflops)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append(row)
         batch = b if method == "seqlora" else batch
         print(f"{method}: {row['seconds']:.3f} s ({time.time() - t0:.0f} s in)", file=sys.stderr, flush=True)

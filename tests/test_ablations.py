@@ -3,7 +3,7 @@ checked against its definition by hand."""
 
 import pytest
 import torch
-from test_adapters import batch, randomise, tiny_config, tiny_llava
+from test_adapters import randomise, tiny_config, tiny_llava
 
 from minimcit.adapters import SharedALinear
 from minimcit.methods import make_method, parameter_report

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
