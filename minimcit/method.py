@@ -3,8 +3,9 @@ s * delta(x), keeping W0's state-dict keys), injection by full module name, and 
 cycle `Method` runs. The four adapter families and their methods are in adapters.py.
 
 The life cycle: start_task (which calls the method's one hook, `add_task_parameters`) -> train
-(train_samples, trainable parameters + extra_loss per micro-batch + step_loss per step) -> end_task; then use_task / select_tasks at
-inference, merge, and parameter accounting. `stages` says which tasks each training stage sees.
+(train_samples, trainable parameters, extra_loss per micro-batch, step_loss per optimiser step)
+-> end_task; then use_task / select_tasks and `inference` (merged where exact) at test time,
+and parameter accounting. `stages` says which tasks each training stage sees.
 """
 
 from __future__ import annotations
