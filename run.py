@@ -170,11 +170,16 @@ def method_hparams(args) -> dict:
     return hp
 
 
+def training_flags(args) -> dict:
+    """The TrainConfig fields the user set by flag (0 included), with their values."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+            if f.name != "seed" and getattr(args, f.name) is not None}
+
+
 def train_config(args) -> TrainConfig:
     """The benchmark's recipe, with every flag the user gave (0 included) in its place."""
     recipe = preset(args.preset).recipe if args.tasks.startswith("mini") else paper_recipe(args.method)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}
-    return TrainConfig(seed=args.seed, **{**recipe, **{k: v for k, v in given.items() if v is not None}})
+    return TrainConfig(seed=args.seed, **{**recipe, **training_flags(args)})
 
 
 def task_identity(args) -> str:
@@ -188,8 +193,8 @@ def validate(args) -> None:
     positive = {"max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task,
                 "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
-                "max_new_tokens": args.max_new_tokens, "device_memory": args.device_memory, "r": args.r, "num_branches": args.num_branches,
-                "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task,
+                "max_new_tokens": args.max_new_tokens, "device_memory": args.device_memory, "r": args.r,
+                "num_branches": args.num_branches, "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task,
                 "fisher_samples": args.fisher_samples, "temperature": args.temperature}
     for name, value in positive.items():
         if value is not None and value <= 0:
@@ -445,7 +450,7 @@ def memory_plan(args, c, hp: dict, cfg: TrainConfig, tasks, collator, device, dt
     if dist.is_main():
         memory = int(args.device_memory * GiB) if args.device_memory is not None else device_memory(device)
         train_shape, eval_shape = data_shapes(tasks, collator, cfg.max_new_tokens)
-        given = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+        given = set(training_flags(args))
         quiet = args.quiet
 
         def say(line):

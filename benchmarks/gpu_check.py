@@ -35,7 +35,7 @@ from benchmarks.bench_7b import PROMPT, TRAIN, recipe  # noqa: E402
 from benchmarks.param_table import LLAVA_7B  # noqa: E402
 from minimcit.methods import METHODS  # noqa: E402
 from minimcit.model import Llava, LlavaConfig, TextConfig, VisionConfig  # noqa: E402
-from minimcit.plan import GiB, _train_step, device_memory, make_plan, synthetic_batch  # noqa: E402
+from minimcit.plan import GiB, _train_step, build, device_memory, make_plan, synthetic_batch  # noqa: E402
 from minimcit.train import autocast  # noqa: E402
 
 TINY = LlavaConfig(
@@ -64,21 +64,10 @@ def timed(fn, device, reps):
 
 
 def on_device(c, method, hp, cfg, device):
-    """The run's model (bf16, random weights) and method on `device`: built on the meta device and
-    filled there, so a 7B model takes seconds and no checkpoint; the trainable tensors and AdamW."""
-    from minimcit.methods import make_method
-    from minimcit.train import optimizer, trained_projector
-
-    with torch.device("meta"):
-        model = Llava(c)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.normal_(0, 0.02).to(torch.bfloat16)
-    m = make_method(method, model, verbose=False, **hp)
-    m.start_task(0)
-    projector = trained_projector(model, m, cfg)
-    return model, m, m.trainable_parameters() + projector, optimizer(m.trainable_parameters(), projector, cfg)
+    """The run's model (bf16, initialised as nn.Linear does, on the device itself) and method, the
+    trainable tensors and AdamW: plan.build, the plan's own construction, on `device`."""
+    with torch.device(device):
+        return build(c, method, hp, cfg, 1, torch.bfloat16)
 
 
 def sdpa_kernels(c, device) -> dict:

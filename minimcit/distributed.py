@@ -10,9 +10,9 @@ the same optimisation at any world size: the global batch is batch_size x grad_a
 NCCL takes only tensors on the process's own GPU, where gloo takes CPU tensors too, so a
 collective given a CPU tensor works in every CPU test and stops a GPU run at its first step.
 Every collective here therefore goes through `_on_group`, which places its tensor on the
-group's device (`device()`: cuda:LOCAL_RANK under NCCL, cpu under gloo) and back; the loop
-also builds its own collective tensors there, so on a GPU nothing is copied.
-tests/test_distributed.py declares the group's device to be `meta`, which no CPU tensor is on,
+group's device (cuda:LOCAL_RANK under NCCL, cpu under gloo) and back; the loop builds its own
+collective tensors on the run's device, so on a GPU nothing is copied.
+tests/test_nccl_rule.py declares the group's device to be `meta`, which no CPU tensor is on,
 and checks every collective of a training stage against it.
 
 Why not the DistributedDataParallel wrapper: its reducer syncs the parameters of the wrapped
@@ -43,11 +43,6 @@ def init(device) -> tuple[int, int]:
             torch.cuda.set_device(_device)
         dist.init_process_group("nccl" if cuda else "gloo")
     return rank(), world_size()
-
-
-def device() -> torch.device:
-    """Where the process group's collectives take their tensors (NCCL: this process's GPU)."""
-    return _device
 
 
 def _on_group(tensor: torch.Tensor) -> torch.Tensor:

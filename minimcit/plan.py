@@ -24,7 +24,6 @@ import math
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -318,7 +317,7 @@ def _layer_bytes(c: LlavaConfig, dtype) -> int:
 
 
 def peak_model(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int, evaluation: bool,
-               dtype=torch.bfloat16, progress=None):
+               dtype=torch.bfloat16):
     """batch -> predicted peak bytes at c's full depth, from four predictions of a shallow twin (2
     and 3 decoder layers, batch 1 and 2, 2 CLIP layers), so a plan costs seconds, not minutes.
     The peak is affine in the batch (activations scale with it, weights and optimiser state do
@@ -333,8 +332,6 @@ def peak_model(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *,
         twin = dataclasses.replace(c, text=dataclasses.replace(c.text, num_hidden_layers=layers),
                                    vision=dataclasses.replace(c.vision, num_hidden_layers=shallow))
         for b in (1, 2):
-            if progress:
-                progress()
             p[layers, b] = predict_bytes(twin, method, hparams, cfg, dataclasses.replace(shape, batch=b), tasks=tasks,
                                          evaluation=evaluation, dtype=dtype)["peak"]
     deep = {b: p[2, b] + (n_text - 2) * (p[3, b] - p[2, b]) for b in (1, 2)}
@@ -407,14 +404,8 @@ def make_plan(c: LlavaConfig, method: str, hparams: dict, cfg, *, memory: int, t
 
 
 def device_memory(device) -> int:
-    """Free bytes on `device`: the GPU's free memory, or the host's available memory for a CPU run."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read the available memory (/proc/meminfo): pass --device-memory GB")
+    """Free bytes on the GPU `device` (a CPU run plans only for a --device-memory it is given)."""
+    return torch.cuda.mem_get_info(torch.device(device))[0]
 
 
 LONGEST = 256  # Decision: per task, the samples longest in characters are tokenised to find the longest in tokens

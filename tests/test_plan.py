@@ -56,7 +56,7 @@ def test_four_shallow_predictions_give_the_full_depth_peak(method, ckpt, evaluat
 def fixed_peaks(monkeypatch, train, evaluate):
     """Stand-in peak models (bytes as a function of the batch) so the plan's choices can be checked
     against hand values."""
-    def fake_model(c, method, hp, cfg, shape, *, tasks, evaluation, dtype=None, progress=None):
+    def fake_model(c, method, hp, cfg, shape, *, tasks, evaluation, dtype=None):
         return evaluate if evaluation else train[cfg.gradient_checkpointing]
     monkeypatch.setattr(plan, "peak_model", fake_model)
 
