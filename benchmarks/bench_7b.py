@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run  # noqa: E402
+from benchmarks.bench_bytes import VIEWS  # noqa: E402  (the ops that move no bytes, counted alike)
 from benchmarks.param_table import LLAVA_7B  # noqa: E402
 from minimcit.plan import (GiB, Replay, Shape, Tape, build, make_plan, predict_bytes, synthetic_batch,  # noqa: E402
                            tiny_like)
@@ -81,10 +82,6 @@ def plans(configs, methods, tasks_list=(1, 8)):
 
 
 # --------------------------------------------------------------------------- evaluation time
-
-VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "slice", "select", "alias",
-         "as_strided", "permute", "detach", "_reshape_alias", "split", "split_with_sizes", "unbind", "chunk",
-         "lift_fresh", "unflatten", "flatten", "reshape"}
 
 
 def _cpu_flash(q, k, v, *args, out_shape=None, **kwargs):
