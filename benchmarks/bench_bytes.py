@@ -7,8 +7,9 @@ micro-step (forward and backward; bf16 base under autocast, fp32 adapters, r=128
 An op's bytes are its tensor inputs' and outputs' sizes (views and metadata queries move none);
 matmuls (mm, addmm and its in-place form, bmm, convolution, attention) are left out, since their
 bytes are not what an elementwise pass costs. The frozen base alone (no adapters; the projector
-trained, so the backward runs through every layer) is counted too. Dropout is counted as one fused op in both revisions,
-as CUDA runs F.dropout. One decoder layer = the step of a 3-layer model
+trained, so the backward runs through every layer) is counted too. Dropout (in both revisions) and
+F.rms_norm (where a revision calls it) are counted as CUDA runs them, one fused kernel each way,
+not as the CPU's decomposition into elementwise passes. One decoder layer = the step of a 3-layer model
 minus that of a 2-layer one (the vision tower, embedding and head cancel).
 """
 
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,18 +50,64 @@ def child() -> None:
     except ImportError:
         from benchmarks.bench_7b import Replay, Tape, tiny_like
 
+    def nbytes(*tensors):
+        return sum(t.numel() * t.element_size() for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor))
+
     class Bytes(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.by_op = Counter()
+            self.paused = False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            if name not in VIEWS and name not in MATMUL and func.namespace != "prim":
-                self.by_op[name] += sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
-                                        if isinstance(t, torch.Tensor))
+            if not self.paused and name not in VIEWS and name not in MATMUL and func.namespace != "prim":
+                self.by_op[name] += nbytes(args, kwargs, out)
             return out
+
+    counting = []  # the Bytes mode of the step being counted, if any
+
+    @contextmanager
+    def uncounted():
+        mode = counting[0] if counting else None
+        if mode is not None:
+            mode.paused = True
+        try:
+            yield mode
+        finally:
+            if mode is not None:
+                mode.paused = False
+
+    class FusedRMSNorm(torch.autograd.Function):
+        """F.rms_norm as CUDA runs it: aten::_fused_rms_norm forward, _fused_rms_norm_backward
+        backward, one kernel each, whose bytes are their tensors'. On the CPU the op decomposes
+        into nine elementwise passes; they run here uncounted."""
+
+        @staticmethod
+        def forward(ctx, x, weight, eps):
+            with uncounted() as mode:
+                y = rms_norm(x, weight.shape, weight, eps)
+                rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
+                if mode is not None:
+                    mode.by_op["_fused_rms_norm"] += nbytes(x, weight, y, rstd)
+            ctx.save_for_backward(x, weight)
+            ctx.eps = eps
+            return y
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            with uncounted() as mode, torch.enable_grad():
+                xx, ww = x.detach().requires_grad_(), weight.detach().requires_grad_(ctx.needs_input_grad[1])
+                wanted = [xx, ww] if ctx.needs_input_grad[1] else [xx]
+                grads = torch.autograd.grad(rms_norm(xx, ww.shape, ww, ctx.eps), wanted, grad)
+                if mode is not None:
+                    rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
+                    mode.by_op["_fused_rms_norm_backward"] += nbytes(grad, x, rstd, weight, grads)
+            return grads[0], grads[1] if ctx.needs_input_grad[1] else None, None
+
+    rms_norm = torch.nn.functional.rms_norm
 
     def step(c, dtype, mode=None, adapters=True):
         torch.manual_seed(0)
@@ -92,6 +140,8 @@ def child() -> None:
     # native_dropout (which gives the same masks); on the CPU it is four elementwise passes.
     torch.nn.functional.dropout = lambda x, p=0.5, training=True, inplace=False: (
         torch.native_dropout(x, p, training)[0] if training and p > 0 else x)
+    # rms_norm likewise (revisions that normalise with their own elementwise ops are counted as written).
+    torch.nn.functional.rms_norm = lambda x, shape, weight, eps=None: FusedRMSNorm.apply(x, weight, eps)
     out = {}
     for adapters in (True, False):
         per_depth = {}
@@ -102,8 +152,10 @@ def child() -> None:
             with tape:
                 step(tiny_like(c), torch.float32, adapters=adapters)
             count = Bytes()
+            counting[:] = [count]
             with FakeTensorMode(allow_non_fake_inputs=True), Replay(tape.tape):
                 step(c, torch.bfloat16, count, adapters=adapters)
+            counting.clear()
             per_depth[layers] = count.by_op
         layer = {op: per_depth[3][op] - per_depth[2].get(op, 0) for op in per_depth[3]}
         out["lora" if adapters else "base"] = {op: n for op, n in layer.items() if n}

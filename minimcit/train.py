@@ -81,8 +81,11 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # int mallopt(int param, int value)
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest value glibc accepts; fixed, no longer adaptive
-    libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap's top
+    # M_TRIM_THRESHOLD: trim the heap's top only past 2 GiB free. mallopt takes a C int: a larger
+    # value (1 << 40 here once) wrapped to 0, which trimmed at every free and faulted every block in again.
+    libc.mallopt(-1, 2**31 - 1)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
