@@ -464,7 +464,7 @@ class Llava(nn.Module):
         logits, target = self.answer_logits(input_ids, pixel_values, attention_mask, labels)
         return F.cross_entropy(logits.float(), target, reduction="sum"), target.numel()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
                  eos_token_id: int | None = -1, pad_token_id: int | None = None):
         """Greedy decoding with a KV cache over a left-padded batch -> new token ids (B, n <= max_new_tokens).

@@ -47,7 +47,10 @@ def data_dependent(func, args) -> bool:
     """Ops whose output shape or value depends on tensor contents (fake tensors refuse them)."""
     if func in INDEXING:
         return any(i is not None and i.dtype == torch.bool for i in args[1])
-    return func in (aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default)
+    # item (int(t)) and is_nonzero (bool(t)) reach a dispatch mode whole under inference_mode, which
+    # skips the autograd layer that decomposes them into _local_scalar_dense.
+    return func in (aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default,
+                    aten.item.default, aten.is_nonzero.default)
 
 
 def contents(func, args, out):
