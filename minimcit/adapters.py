@@ -468,7 +468,7 @@ class LiLoRA(Method):
                 layer.lora_B0.requires_grad_(not (self.freeze_basis_after_first_task and t > 0))
 
     def step_loss(self, task):
-        if self.num_tasks > 1 and not (self.freeze_basis_after_first_task or self.share_a_only):
+        if self.reg_weight and self.num_tasks > 1 and not (self.freeze_basis_after_first_task or self.share_a_only):
             reg = sum(layer.reg_loss() for layer in self.layers)  # L_reg summed over layers (Decision)
             return self.reg_weight * reg  # LiLoRA Eq. 8: L = L_task + lambda L_reg
         return None

@@ -62,9 +62,10 @@ def rename(key: str, layout) -> str | None:
     return key  # claimed by no rule: load_weights reports it when it fits no parameter
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path):
+    """A JSON file's contents; a missing file or bad JSON raises an error naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"missing file: {path}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

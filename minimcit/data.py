@@ -7,7 +7,6 @@ files, with image paths decoded only when a batch is collated.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .checkpoint import read_json
 from .official import OFFICIAL_RULES
 from .processing import IGNORE_INDEX, SYSTEM, TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
 
@@ -64,17 +64,8 @@ INSTRUCTIONS = {"original": ("Instructions_Original", "Instruction_Original"),
 TEXTVQA_ANSWERS = Path("TextVQA") / "TextVQA_0.5.1_val.json"
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_json_list(path: Path) -> list:
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
     return data
@@ -157,7 +148,7 @@ def _test_samples(path: Path, task: str, scorer: str, image_root: Path, cap, ans
 
 
 def read_textvqa_answers(path: Path) -> dict:
-    data = _read_json(path)
+    data = read_json(path)
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected TextVQA's {{'data': [...]}} layout")
@@ -249,7 +240,7 @@ def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_te
     for p, what in ((task_dir, "--task-dir"), (image_root, "image root")):
         if not p.is_dir():
             raise FileNotFoundError(f"{what} not found: {p}")
-    scorers = _read_json(task_dir / "tasks.json") if (task_dir / "tasks.json").is_file() else {}
+    scorers = read_json(task_dir / "tasks.json") if (task_dir / "tasks.json").is_file() else {}
     if not isinstance(scorers, dict) or any(v not in SCORER_NAMES for v in scorers.values()):
         raise ValueError(f"{task_dir / 'tasks.json'}: expected {{task: scorer}} with scorers from {SCORER_NAMES}")
     folders = sorted(p for p in task_dir.iterdir() if (p / "train.json").is_file())

@@ -160,19 +160,18 @@ def test_cider_on_raw_captions_equals_pycocoevalcap():
 
 
 def test_continual_metrics_by_hand():
-    # rows: base, after task 1, 2, 3; columns: tasks 1..3
+    # rows: base, after task 1, 2, 3; columns: tasks 1..3. Every AP_k differs, so MAP is not AP.
     a = [[10, 20, 30],
          [60, 25, 35],
-         [50, 70, 40],
-         [40, 60, 80]]
+         [50, 80, 40],
+         [40, 60, 90]]
     s = continual_summary(a)
-    ap = [60, (50 + 70) / 2, (40 + 60 + 80) / 3]  # LiLoRA Eq. 9
-    assert s["AP_k"] == pytest.approx(ap)
-    assert s["MAP_k"] == pytest.approx([ap[0], (ap[0] + ap[1]) / 2, sum(ap) / 3])  # LiLoRA Eq. 9
-    assert s["AP"] == s["ACC"] == pytest.approx(60)
-    assert s["MAP"] == pytest.approx((60 + 60 + 60) / 3)
-    assert s["BWT"] == pytest.approx(((40 - 60) + (60 - 70)) / 2)  # LiLoRA Eq. 10: a[T][j] - a[j][j], j < T
-    assert s["MFT"] == pytest.approx((60 + 70 + 80) / 3)
+    assert s["AP_k"] == pytest.approx([60, 65, 190 / 3])  # LiLoRA Eq. 9: mean of row k over tasks <= k
+    assert s["MAP_k"] == pytest.approx([60, 62.5, (60 + 65 + 190 / 3) / 3])  # LiLoRA Eq. 9
+    assert s["AP"] == s["ACC"] == pytest.approx(190 / 3)
+    assert s["MAP"] == pytest.approx(565 / 9)
+    assert s["BWT"] == pytest.approx(((40 - 60) + (60 - 80)) / 2)  # LiLoRA Eq. 10: a[T][j] - a[j][j], j < T
+    assert s["MFT"] == pytest.approx((60 + 80 + 90) / 3)
     assert s["FWT"] == pytest.approx(((25 - 20) + (40 - 30)) / 2)  # a[j-1][j] - a[0][j], j > 1
     f = [[0, 0, 0], [90, 10, 10], [80, 100, 0], [70, 90, 100]]
     s = continual_summary(a, f)

@@ -53,6 +53,7 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
         assert sorted(p.stem for p in (out / "predictions" / f"stage_{k}").iterdir()) == sorted(r["tasks"][:shown])
     assert r["params"]["trainable"] > 0 and r["params"]["total_added"] >= r["params"]["trainable"]
     assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row if v is not None)
+    assert r["acc_matrix"][1][0] > r["acc_matrix"][0][0], "the first task, trained, scores no better than the base"
     for name in ("results.txt", "acc_matrix.png", "task_curves.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
     assert len(r["loss_curves"]) == len(r["stages"]) and all(c and c[-1][1] > 0 for c in r["loss_curves"])
@@ -254,11 +255,26 @@ def test_a_numeric_method_flag_reaches_the_method_zero_included(method, flag, na
 
 
 def test_reg_weight_zero_is_lilora_without_l_reg():
-    from test_adapters import tiny_llava
+    """--reg-weight 0: L_reg adds nothing to the loss and is not even computed; at the default
+    weight, on the second task, it is the sum of the layers' L_reg (LiLoRA Eq. 8, lambda = 1)."""
+    from test_adapters import randomise, tiny_llava
 
-    hp = run.method_hparams(run.parse_args(["--method", "lilora", "--tasks", "minicoin", "--reg-weight", "0"]))
-    m = make_method("lilora", tiny_llava(), verbose=False, **hp)
-    assert m.reg_weight == 0.0
+    losses = {}
+    for weight in ("0", "1"):
+        hp = run.method_hparams(run.parse_args(["--method", "lilora", "--tasks", "minicoin", "--reg-weight", weight]))
+        m = make_method("lilora", tiny_llava(), verbose=False, **hp)
+        m.start_task(0)
+        randomise(m.trainable_parameters())  # a trained first task
+        m.start_task(1)
+        randomise(m.trainable_parameters(), seed=1)  # and a step into the second: B0 moved, L_reg > 0
+        if weight == "0":
+            for layer in m.layers:
+                layer.reg_loss = lambda: pytest.fail("L_reg computed at --reg-weight 0")
+        losses[weight] = (m.step_loss(1), sum(layer.reg_loss() for layer in m.layers) if weight == "1" else None)
+    assert losses["0"][0] is None
+    got, want = losses["1"]
+    assert float(want.detach()) > 0
+    torch.testing.assert_close(got, want)
 
 
 def test_missing_data_root_and_model(tmp_path, capsys):
