@@ -53,12 +53,23 @@ def test_every_method_runs_and_writes_valid_results(method, tmp_path, cache):
         assert sorted(p.stem for p in (out / "predictions" / f"stage_{k}").iterdir()) == sorted(r["tasks"][:shown])
     assert r["params"]["trainable"] > 0 and r["params"]["total_added"] >= r["params"]["trainable"]
     assert all(0 <= v <= 100 for row in r["acc_matrix"] for v in row if v is not None)
-    assert r["acc_matrix"][1][0] > r["acc_matrix"][0][0], "the first task, trained, scores no better than the base"
     for name in ("results.txt", "acc_matrix.png", "task_curves.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
     assert len(r["loss_curves"]) == len(r["stages"]) and all(c and c[-1][1] > 0 for c in r["loss_curves"])
     if method == "branchlora":
         assert r["params"]["total_added"] > r["params"]["trainable"]  # routers of earlier tasks, frozen
+
+
+@pytest.mark.parametrize("method", sorted(run.METHODS))
+def test_every_method_learns_a_tiny_task(method, tmp_path, cache):
+    """Trained on MiniCoIN's sciqa at the smoke preset (12 samples, 24 epochs: MoELoRA, whose
+    router mixes experts evenly at first, needs that many), every method answers better than
+    the base, which scores 0 there; a method that learned nothing would not."""
+    out = tmp_path / method
+    assert run.main(["--method", method, "--tasks", "minicoin", "--preset", "smoke", "--task-order", "sciqa,imagenet",
+                     "--epochs", "24", "--quiet", "--out", str(out), "--cache", str(cache)]) == 0
+    a = load(out)["acc_matrix"]
+    assert a[1][0] > a[0][0], f"{method}: sciqa {a[0][0]} before training, {a[1][0]} after"
 
 
 @pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", []),
