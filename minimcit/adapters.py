@@ -230,6 +230,10 @@ class BranchLoRALinear(AdapterLinear):
         self.register_buffer("gate_tokens", torch.zeros((), device=self.weight.device))
         self.sequence_gates = None  # route="sequence": the prompt's decision, kept while generating
 
+    def extra_repr(self) -> str:  # r is the adapter's whole rank; the trunk's is r / N
+        return (f"in={self.in_features}, out={self.out_features}, trunk rank r_b={self.r_b} (r={self.r} over "
+                f"{self.num_branches} branches), top_k={self.top_k}, scaling={self.scaling:g}")
+
     def add_task(self) -> None:
         if not (self.shared_router and len(self.routers)):
             for router in self.routers:

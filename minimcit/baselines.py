@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LoRALinear, LoRAMethod, SeqLoRA
+from .method import stream_seed
 
 # --------------------------------------------------------------------------- Replay
 
@@ -31,7 +32,7 @@ class Replay(SeqLoRA):
         so a resumed run, or any number of processes, keeps the same ones. Test items are never
         drawn: the memory comes from the training split."""
         n = round(self.replay_share * len(train))
-        g = torch.Generator().manual_seed(seed * 1000 + 700 + task)
+        g = torch.Generator().manual_seed(stream_seed(seed, "replay memory", task))
         return [train[i] for i in sorted(torch.randperm(len(train), generator=g)[:n].tolist())]
 
     def train_samples(self, stage_tasks, tasks, seed):

@@ -117,6 +117,17 @@ def wrap_summary(method: str, names: list[str]) -> str:
     return f"{method}: wrapped {len(names)} linears (" + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) + ")"
 
 
+# Every random stream of a run comes from (seed, purpose, index) alone, so a resumed run, any
+# number of processes and any order of calls draw the same numbers. The offsets keep the streams
+# apart (and are the ones runs were made with before this table).
+STREAMS = {"training order": 0, "new task parameters": 500, "replay memory": 700, "task samples": 800}
+
+
+def stream_seed(seed: int, purpose: str, index: int) -> int:
+    """The seed of stream `purpose` (STREAMS) for stage or task `index` of a run seeded `seed`."""
+    return seed * 1000 + STREAMS[purpose] + index
+
+
 class Method:
     """The continual life cycle around one adapter family. Tasks are numbered from 0."""
 
@@ -274,6 +285,18 @@ class Method:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.adapter_parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict]:
+        """The trainable tensors as optimiser groups. Decision (SPEC §2): the selector's keys are a
+        group of their own, with no weight decay and outside the gradient-norm clip ("clip": False).
+        L_align is summed over the batch and fresh keys are short, so their gradient norm starts
+        tens of times max_grad_norm: inside a shared clip it would shrink the adapters' step."""
+        keys = {id(p) for p in self.selector.parameters()} if self.selector is not None else set()
+        trainable = self.trainable_parameters()
+        groups = [{"params": [p for p in trainable if id(p) not in keys], "clip": True}]
+        if keys:
+            groups.append({"params": [p for p in trainable if id(p) in keys], "weight_decay": 0.0, "clip": False})
+        return groups
 
     def adapter_state_dict(self) -> dict:
         """The method's tensors only, for an adapter-only checkpoint."""

@@ -199,8 +199,8 @@ def build(c: LlavaConfig, method: str, hparams: dict, cfg, tasks: int, dtype):
     for t in range(tasks):
         m.start_task(t)
     projector = trained_projector(model, m, cfg)
-    params = m.trainable_parameters() + projector
-    return model, m, params, optimizer(m.trainable_parameters(), projector, cfg)
+    opt = optimizer(m.parameter_groups(), projector, cfg)
+    return model, m, [p for g in opt.param_groups if g["clip"] for p in g["params"]], opt
 
 
 def _train_step(model, m, params, opt, b, cfg, task):

@@ -88,8 +88,8 @@ def pretrain_base(preset_name: str = "default", seed: int = 0, cache: Path | Non
     collator = Collator(TextTokenizer(tmp), cfg.num_image_tokens, cfg.image_token_index, p.image_size, plain=True)
     tcfg = TrainConfig(epochs=p.stage1["epochs"], batch_size=p.stage1["batch"], lr=p.stage1["lr"], warmup_ratio=0.05,
                        weight_decay=0.01, seed=seed)
-    curve = train_stage(model, list(model.parameters()), corpus, collator, tcfg, stage=0, label="stage 1 (captions)",
-                        device=device, quiet=quiet)
+    curve = train_stage(model, [{"params": list(model.parameters())}], corpus, collator, tcfg, stage=0,
+                        label="stage 1 (captions)", device=device, quiet=quiet)
     save_llava(model, tmp)
     (tmp / "pretrain.json").write_text(json.dumps({"recipe": json.loads(recipe), "final_loss": curve[-1][1],
                                                    "seconds": round(time.time() - t0, 1)}))

@@ -113,17 +113,20 @@ def curves(results: dict, path: Path) -> None:
 
 
 def loss_curves(results: dict, path: Path) -> None:
-    """Every stage's training loss against the run's steps, a grey line where a stage begins."""
+    """Every stage's L_task against the run's steps, in its colour, and the method's own terms
+    (lambda L_align, L_reg, ...) in grey where there are any; a grey line where a stage begins.
+    Points are [step, L_task, the method's terms] ([step, loss] in runs made before the split)."""
     curves = results.get("loss_curves") or []
     W, H, L, B, T, R = 720, 360, 60, 50, 40, 20
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    d.text((L, 10), f"{results['method']}: training loss per stage", fill="black", font=_font(16))
-    points, offset = [], 0
-    for s, curve in enumerate(curves):
-        points.append([(offset + step, loss) for step, loss in curve])
+    d.text((L, 10), f"{results['method']}: L_task per stage (grey: the method's own terms)", fill="black",
+           font=_font(16))
+    points, offset = [], 0  # per stage: (step, L_task, method terms)
+    for curve in curves:
+        points.append([(offset + p[0], p[1], p[2] if len(p) > 2 else 0.0) for p in curve])
         offset += curve[-1][0] if curve else 0
-    losses = [v for pts in points for _, v in pts if v == v]  # NaN-free
+    losses = [v for pts in points for _, *vs in pts for v in vs if v == v]  # NaN-free
     if not losses:
         atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
         return
@@ -138,9 +141,10 @@ def loss_curves(results: dict, path: Path) -> None:
             start = pts[0][0] - curves[s][0][0]
             d.line((x(start), T, x(start), H - B), fill=(200, 200, 200))
             d.text((x(start) + 2, H - B + 8), str(s + 1), fill="black", font=_font(11))
-        ok = [(x(a), y(b)) for a, b in pts if b == b]
-        if len(ok) > 1:
-            d.line(ok, fill=PALETTE[s % len(PALETTE)], width=2)
+        for k, colour, width in ((2, (150, 150, 150), 1), (1, PALETTE[s % len(PALETTE)], 2)):
+            ok = [(x(p[0]), y(p[k])) for p in pts if p[k] == p[k]]
+            if len(ok) > 1 and any(p[k] for p in pts):
+                d.line(ok, fill=colour, width=width)
     d.text((L + (W - L - R) // 2 - 40, H - 22), "step (stage numbers below)", fill="black", font=_font(12))
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import distributed as dist
 from .checkpoint import atomic_write
+from .method import stream_seed
 
 
 @contextmanager
@@ -59,7 +60,7 @@ def _alive(pid: int) -> bool:
 
 def start_task(method, k: int, cfg) -> None:
     """New task parameters drawn from (seed, task) alone, so a resumed run draws the same ones."""
-    torch.manual_seed(cfg.seed * 1000 + 500 + k)
+    torch.manual_seed(stream_seed(cfg.seed, "new task parameters", k))
     method.start_task(k)
 
 

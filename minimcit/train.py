@@ -27,7 +27,7 @@ from torch import nn
 
 from . import distributed as dist
 from .data import Collator, Sample, Task
-from .method import Method
+from .method import Method, stream_seed
 from .metrics import answered, answered_after, continual_summary
 from .model import IGNORE_INDEX, Llava
 from .official import percent, score_items
@@ -126,7 +126,8 @@ def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: 
                checkpointing: bool = False):
     """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens (a number,
     or a tensor on the device) over its `n_micro` micro-batches; gradients accumulate in .grad.
-    Returns the micro-batch's share of the step's loss (detached, on the device). The backward
+    Returns the micro-batch's share of the step's loss as (L_task, the method's own terms), detached,
+    on the device. The backward
     runs inside the method's batch context, where a checkpointed layer is recomputed.
     benchmarks/bench_7b.py and minimcit/plan.py measure this very function."""
     ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
@@ -135,12 +136,11 @@ def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: 
         with autocast(device, model):
             logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"],
                                                  b["labels"], recompute=recompute)
-            loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_tokens  # each answer token once
+            task_loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_tokens  # each answer token once
             extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
-            if extra is not None:
-                loss = loss + extra / n_micro
-        loss.backward()
-    return loss.detach()
+            extra = task_loss.new_zeros(()) if extra is None else extra / n_micro
+        (task_loss + extra).backward()
+    return torch.stack([task_loss, extra.float()]).detach()
 
 
 def step_loss(method: Method | None, task: int, share: float):
@@ -170,32 +170,37 @@ def sample_losses(model: Llava, method: Method, samples: list[Sample], collator:
     return losses
 
 
-def optimizer(params, projector, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the adapters at cfg.lr and the projector, if trained, at cfg.projector_lr."""
-    groups = [{"params": list(params)}]
+def optimizer(groups: list[dict], projector, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the method's groups (Method.parameter_groups) at cfg.lr and the projector, if
+    trained, at cfg.projector_lr. A group's "clip" says whether the gradient-norm clip covers it."""
+    groups = [{"clip": True, **g, "params": list(g["params"])} for g in groups if g["params"]]
     if projector:
-        groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr})
+        groups.append({"params": list(projector), "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr,
+                       "clip": True})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def train_stage(model: Llava, params, samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
+def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
-    """Train `params` (and `projector`, at cfg.projector_lr) on `samples` for cfg.epochs; returns
-    the loss curve, [step, loss] about every 1% of the steps and at the last. A step takes
+    """Train the parameter `groups` (and `projector`, at cfg.projector_lr) on `samples` for cfg.epochs;
+    returns the loss curve, [step, L_task, the method's own terms] about every 1% of the steps and
+    at the last (the terms weighted as they enter the loss: lambda L_align, LiLoRA's lambda L_reg,
+    EWC's penalty, LwF's distillation, O-LoRA's; 0 for a method without any). A step takes
     batch_size x grad_accum samples, drawn in an order fixed by the seed; under torchrun its
     micro-batches are dealt out across processes and the gradients summed (distributed.py).
     Gradient accumulation weights every answer token of the step equally, on any world size."""
-    torch.manual_seed(cfg.seed * 1000 + stage)
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + stage)
+    torch.manual_seed(stream_seed(cfg.seed, "training order", stage))  # and adapter dropout's masks
+    g = torch.Generator().manual_seed(stream_seed(cfg.seed, "training order", stage))
     per_step = cfg.batch_size * cfg.grad_accum
     total = max(1, math.ceil(len(samples) * cfg.epochs / per_step))
     epochs = [torch.randperm(len(samples), generator=g).tolist() for _ in range(math.ceil(cfg.epochs) + 1)]
     if cfg.group_by_modality_length:
         epochs = [modality_length_order(perm, samples, per_step, g) for perm in epochs]
     order = [i for perm in epochs for i in perm]
-    opt = optimizer(params, projector, cfg)
+    opt = optimizer(groups, projector, cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
+    clipped = [p for group in opt.param_groups if group["clip"] for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
     progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
@@ -219,26 +224,28 @@ def train_stage(model: Llava, params, samples: list[Sample], collator: Collator,
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         # The step's answer tokens over every process: summed on the device, and kept there (no sync).
         n_tokens = dist.sum_(torch.tensor(local, device=device)).clamp(min=1)
-        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        losses = torch.zeros(2, dtype=torch.float64, device=device)  # L_task, the method's terms
         for b in micro:
-            loss_total += micro_step(model, method, to_device(b, device, non_blocking=cuda), n_tokens, len(chunks),
-                                     task, device, checkpointing=cfg.gradient_checkpointing)
+            losses += micro_step(model, method, to_device(b, device, non_blocking=cuda), n_tokens, len(chunks),
+                                 task, device, checkpointing=cfg.gradient_checkpointing)
         extra = step_loss(method, task, len(mine) / len(chunks))
         if extra is not None:
-            loss_total += extra
-        loss_value = float(dist.sum_(loss_total).item())  # the step's one host sync
+            losses[1] += extra
+        task_value, extra_value = dist.sum_(losses).tolist()  # the step's one host sync
+        loss_value = task_value + extra_value
         if not math.isfinite(loss_value):  # decided on the summed value, so every process stops together
             raise FloatingPointError(f"{label}: loss is {loss_value} at step {step + 1}/{total}; stopping "
                                      "(lower --lr, or check the data)")
         dist.sum_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(clipped, cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        progress.update(step + 1, f"loss {loss_value:.3f} {(step + 1) * per_step / (time.time() - progress.start):.1f} "
-                                  "samples/s")
+        terms = f" + {extra_value:.3f}" if extra_value else ""
+        progress.update(step + 1, f"L_task {task_value:.3f}{terms} "
+                                  f"{(step + 1) * per_step / (time.time() - progress.start):.1f} samples/s")
         if (step + 1) % every == 0 or step + 1 == total:
-            curve.append([step + 1, round(loss_value, 5)])
+            curve.append([step + 1, round(task_value, 5), round(extra_value, 5)])
     model.eval()
     return curve
 
@@ -445,12 +452,13 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             start_task(method, k, cfg)
         samples = method.train_samples(plan[k], tasks, cfg.seed)
         what = names[plan[k][0]] if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
-        curve = train_stage(model, method.trainable_parameters(), samples, collator, cfg, stage=stage,
+        curve = train_stage(model, method.parameter_groups(), samples, collator, cfg, stage=stage,
                             projector=projector, label=f"stage {stage}/{len(plan)} {what}", method=method, task=k,
                             device=device, quiet=quiet)
         for stat in method.statistics():  # data-driven state: the same sums on every process
             dist.sum_(stat)
-        method.end_task(k, sample_losses(model, method, samples, collator, cfg.seed * 1000 + 800 + k, device))
+        sample_seed = stream_seed(cfg.seed, "task samples", k)
+        method.end_task(k, sample_losses(model, method, samples, collator, sample_seed, device))
         ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
                       device=device, quiet=quiet, label=f"eval after stage {stage}",
                       upto=upto[stage])

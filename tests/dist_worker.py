@@ -38,7 +38,7 @@ def main(folder: Path) -> None:
         method = make_method(name, model, r=8, lora_alpha=16, verbose=False, **hp)
         for k in range(2):
             start_task(method, k, cfg)
-            train_stage(model, method.trainable_parameters(), tasks[k].train, collator, cfg, stage=k + 1,
+            train_stage(model, method.parameter_groups(), tasks[k].train, collator, cfg, stage=k + 1,
                         label=name, method=method, task=k, quiet=True)
             for stat in method.statistics():
                 dist.sum_(stat)

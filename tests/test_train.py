@@ -70,7 +70,7 @@ def test_two_micro_batches_equal_one_batch_of_both_token_weighted(collator, monk
     seen = grads_seen_by_clipping(monkeypatch)
     model, method = lora_model()
     cfg = TrainConfig(epochs=1, batch_size=2, grad_accum=2, lr=1e-3, max_grad_norm=1e9)
-    train_stage(model, method.trainable_parameters(), data, collator, cfg, stage=1, label="t", quiet=True)
+    train_stage(model, method.parameter_groups(), data, collator, cfg, stage=1, label="t", quiet=True)
     assert len(seen) == 1  # four samples, 2 x 2 per step: one step
     for got, ref in zip(seen[0], want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
@@ -108,7 +108,7 @@ def test_the_loop_applies_the_schedule(warmup_ratio, want, collator, monkeypatch
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
     model, method = lora_model()
     cfg = TrainConfig(epochs=4, batch_size=4, lr=0.1, warmup_ratio=warmup_ratio)
-    train_stage(model, method.trainable_parameters(), samples(4), collator, cfg, stage=1, label="t", quiet=True)
+    train_stage(model, method.parameter_groups(), samples(4), collator, cfg, stage=1, label="t", quiet=True)
     # 4 steps; warm-up int(ratio * 4) steps, at least 1; cosine from the end of warm-up
     assert lrs == pytest.approx([0.1 * f for f in want])
 
@@ -169,7 +169,7 @@ def test_bf16_on_cpu_one_step_and_one_generation(name, collator):
     before = [p.detach().clone() for p in method.trainable_parameters()]
     cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2)
     projector = train.trained_projector(model, method, TrainConfig(train_projector=name != "lilora"))
-    curve = train_stage(model, method.trainable_parameters(), samples(4), collator, cfg, stage=1, label=name,
+    curve = train_stage(model, method.parameter_groups(), samples(4), collator, cfg, stage=1, label=name,
                         method=method, quiet=True, projector=projector)
     assert math.isfinite(curve[-1][1])
     assert any(not torch.equal(a, b) for a, b in zip(before, method.trainable_parameters()))
@@ -190,7 +190,7 @@ def test_the_same_batches_whatever_the_worker_count(collator):
     for workers in (0, 2):
         model, method = lora_model()
         cfg = TrainConfig(epochs=2, batch_size=2, grad_accum=2, lr=1e-2, num_workers=workers)
-        train_stage(model, method.trainable_parameters(), data, collator, cfg, stage=1, label="t", quiet=True)
+        train_stage(model, method.parameter_groups(), data, collator, cfg, stage=1, label="t", quiet=True)
         final.append([p.detach().clone() for p in method.trainable_parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*final))
 
@@ -251,3 +251,27 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
                                        check=True).stdout) for mode in ("kept", "trim at every free")}
     assert faults["trim at every free"] > 20_000, faults
     assert faults["kept"] < 300, faults
+
+
+def test_selector_keys_train_apart_from_the_adapters(collator, monkeypatch):
+    """SPEC §2's Decision: the selector's keys are their own AdamW group, without weight decay
+    (even when the adapters have some), and outside the gradient-norm clip, so their large
+    first-steps gradient does not shrink the adapters' step. The clip sees every adapter tensor
+    and no key; the loss curve holds L_task and lambda L_align apart."""
+    model = tiny_llava()
+    method = make_method("branchlora", model, r=8, lora_alpha=16, num_branches=4, verbose=False)
+    method.start_task(0)
+    keys = {id(p) for p in method.selector.parameters() if p.requires_grad}
+    groups = method.parameter_groups()
+    assert [g["clip"] for g in groups] == [True, False] and {id(p) for p in groups[1]["params"]} == keys
+    clipped, built = [], []
+    real_clip, real_adamw = torch.nn.utils.clip_grad_norm_, torch.optim.AdamW
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: clipped.append({id(p) for p in ps})
+                        or real_clip(ps, m))
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: built.append(real_adamw(*a, **kw)) or built[-1])
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-2, weight_decay=0.1)
+    curve = train_stage(model, groups, samples(4), collator, cfg, stage=1, label="t", method=method, quiet=True)
+    adapters = {id(p) for p in method.trainable_parameters()} - keys
+    assert clipped and all(c == adapters for c in clipped)
+    assert [g["weight_decay"] for g in built[0].param_groups] == [0.1, 0.0]
+    assert all(len(point) == 3 and point[1] > 0 and point[2] > 0 for point in curve)  # L_task, lambda L_align
