@@ -33,7 +33,7 @@ from minimcit.plan import GiB, data_shapes, device_memory, make_plan
 from minimcit.pretrain import pretrain_base
 from minimcit.processing import SYSTEM, TextTokenizer
 from minimcit.report import write_report
-from minimcit.runfolder import load_checkpoint, run_lock, stages_done, start_task, write_evaluation
+from minimcit.runfolder import load_checkpoint, run_lock, seeded_start_task, stages_done, write_evaluation
 from minimcit.train import TrainConfig, evaluate, keep_freed_memory, rescore, run_continual
 
 # Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
@@ -334,7 +334,7 @@ def evaluate_run(out: Path, stage: int | None) -> int:
         if stage > 0:
             load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", s.method, s.model, s.cfg)
         else:  # the base model, as the run evaluated it: the first task's adapters started, still the identity
-            start_task(s.method, 0, s.cfg)
+            seeded_start_task(s.method, 0, s.cfg)
         ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method,
                       trained=s.method.num_tasks if stage else 0, identity=s.identity, device=s.device,
                       quiet=args.quiet)

@@ -38,7 +38,7 @@ from benchmarks.bench_bytes import VIEWS  # noqa: E402  (the ops that move no by
 from benchmarks.param_table import LLAVA_7B  # noqa: E402
 from minimcit.plan import (GiB, Replay, Shape, Tape, build, make_plan, predict_bytes, synthetic_batch,  # noqa: E402
                            tiny_like)
-from minimcit.metrics import answered_after  # noqa: E402
+from minimcit.metrics import tasks_answered_per_stage  # noqa: E402
 from minimcit.train import TrainConfig, autocast  # noqa: E402
 
 aten = torch.ops.aten
@@ -168,7 +168,7 @@ def eval_time(method: str, sizes: list[int], peak_flops: float, bandwidth: float
                      given=set(), progress=lambda _: None)
     batch = plan.eval_batch_size
     seconds, ops = eval_batch_cost(LLAVA_7B, method, hp, cfg, batch, cfg.max_new_tokens, peak_flops, bandwidth, host)
-    upto = answered_after([[t] for t in range(len(sizes))], len(sizes))
+    upto = tasks_answered_per_stage([[t] for t in range(len(sizes))], len(sizes))
     items = sum(sum(sizes[:u]) for u in upto)
     batches = sum(-(-sizes[j] // batch) for u in upto for j in range(u))
     total = batches * seconds

@@ -5,7 +5,7 @@ earlier revision of minimcit in the same run, with the predictions compared item
 
 Each measurement is a fresh process (this file with --child) that rebuilds the run from its
 recorded command, loads the adapters saved after each stage and answers the tasks that stage
-answered (`metrics.answered_after`), timing `train.evaluate` alone (not the loading). The
+answered (`metrics.tasks_answered_per_stage`), timing `train.evaluate` alone (not the loading). The
 revisions alternate, A B A B, so drift in the machine's speed hits both. `--against REV` checks
 REV out in a temporary git worktree; that code evaluates the same checkpoints.
 """
@@ -25,21 +25,28 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(out: Path) -> None:
     """Runs under whichever minimcit PYTHONPATH names; prints one JSON line."""
     import run
-    from minimcit.metrics import answered_after
-    from minimcit.runfolder import load_checkpoint, stages_done, start_task
+    try:
+        from minimcit.metrics import tasks_answered_per_stage
+    except ImportError:  # revisions before the rename
+        from minimcit.metrics import answered_after as tasks_answered_per_stage
+    from minimcit.runfolder import load_checkpoint, stages_done
+    try:
+        from minimcit.runfolder import seeded_start_task
+    except ImportError:  # revisions before the rename
+        from minimcit.runfolder import start_task as seeded_start_task
     from minimcit.train import evaluate
 
     results = json.loads((out / "results.json").read_text())
     args = run.parse_args(results["argv"])
     args.quiet = True
     s = run.build(args)
-    upto = answered_after(results["stages"], len(s.tasks))
+    upto = tasks_answered_per_stage(results["stages"], len(s.tasks))
     seconds, preds = [], {}
     for stage in range(stages_done(results) + 1):
         if stage:
             load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", s.method, s.model, s.cfg)
         else:
-            start_task(s.method, 0, s.cfg)
+            seeded_start_task(s.method, 0, s.cfg)
         t0 = time.perf_counter()
         ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method,
                       trained=s.method.num_tasks if stage else 0, identity=s.identity, device=s.device,

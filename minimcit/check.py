@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from .data import read_json_list, test_sample, read_textvqa_answers, train_sample, task_files
-from .metrics import answered_after
+from .metrics import tasks_answered_per_stage
 
 COLUMNS = ["items", "text-only", "bad items", "missing images", "unreadable images", "duplicate ids"]
 
@@ -93,7 +93,7 @@ def check_benchmark(name: str, data_root, image_root, instructions: str = "origi
             rows.append((task, split, file.name, counts))
             faults += found
     sizes = [c["items"] - c["bad items"] for _, split, _, c in rows if split == "test"]
-    upto = answered_after([[t] for t in range(len(sizes))], len(sizes))
+    upto = tasks_answered_per_stage([[t] for t in range(len(sizes))], len(sizes))
     notes.append(f"test sets {' '.join(map(str, sizes))}: the protocol answers {sum(sum(sizes[:u]) for u in upto)} "
                  f"items over {sum(upto)} task evaluations; its time at 7B on one H100: python benchmarks/bench_7b.py "
                  f"--eval-time --sizes {' '.join(map(str, sizes))}")

@@ -300,7 +300,7 @@ SCORERS = {"letter": option_accuracy, "vqa": vqa_accuracy, "substring": substrin
 # --------------------------------------------------------------------------- continual metrics
 
 
-def answered_after(stages: list, n: int) -> list[int]:
+def tasks_answered_per_stage(stages: list, n: int) -> list[int]:
     """Per stage (0 = the base model), how many of the n tasks (in order) it answers: every one at
     the base, then after each stage the tasks trained so far and the next. No metric reads a later
     task's score (FWT reads a[k][k+1]), and on real data answering every test set after every
@@ -312,10 +312,10 @@ def answered_after(stages: list, n: int) -> list[int]:
     return counts
 
 
-def answered(stages: list, n: int) -> list[int]:
-    """answered_after per row of the accuracy matrix: a stage that trains several tasks gives each
+def tasks_answered_per_row(stages: list, n: int) -> list[int]:
+    """tasks_answered_per_stage per row of the accuracy matrix: a stage that trains several tasks gives each
     of them its row."""
-    counts = answered_after(stages, n)
+    counts = tasks_answered_per_stage(stages, n)
     return [counts[0]] + [c for c, stage in zip(counts[1:], stages) for _ in stage]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import atomic_write
-from .metrics import answered
+from .metrics import tasks_answered_per_row
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34)]
@@ -17,7 +17,7 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def _answered(results: dict) -> list[int]:
     tasks = results["tasks"]
-    return answered(results.get("stages") or [[j] for j in range(len(tasks))], len(tasks))
+    return tasks_answered_per_row(results.get("stages") or [[j] for j in range(len(tasks))], len(tasks))
 
 
 def row_labels(results: dict) -> list[str]:
@@ -36,7 +36,7 @@ def _matrix_table(results: dict, key: str, title: str) -> list[str]:
     width = max(9, *(len(t) for t in tasks)) + 1
     lines = [title, "stage".ljust(12) + "".join(t.rjust(width) for t in tasks)]
     for row, label, m in zip(results[key], row_labels(results), _answered(results)):
-        # None: "-" where the task was not answered (metrics.answered), else "n/a" (cannot be scored)
+        # None: "-" where the task was not answered (metrics.tasks_answered_per_row), else "n/a" (cannot be scored)
         lines.append(label[:11].ljust(12) + "".join(("-" if j >= m else "n/a").rjust(width) if v is None
                                                     else f"{v:{width}.1f}" for j, v in enumerate(row)))
     s = results.get(key.replace("acc_matrix", "summary"))
@@ -75,7 +75,7 @@ def heatmap(results: dict, path: Path) -> None:
     for k, (row, m) in enumerate(zip(a, _answered(results))):
         d.text((10, top + k * cell + cell // 2 - 7), "base" if k == 0 else f"after {k}", fill="black", font=_font(12))
         for j, v in enumerate(row):
-            if v is None:  # blank where the task was not answered (metrics.answered), else "n/a"
+            if v is None:  # blank where the task was not answered (metrics.tasks_answered_per_row), else "n/a"
                 if j < m:
                     d.text((left + j * cell + 10, top + k * cell + cell // 2 - 7), "n/a", fill="black", font=_font(13))
                 continue

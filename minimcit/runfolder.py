@@ -58,7 +58,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_task(method, k: int, cfg) -> None:
+def seeded_start_task(method, k: int, cfg) -> None:
     """New task parameters drawn from (seed, task) alone, so a resumed run draws the same ones."""
     torch.manual_seed(stream_seed(cfg.seed, "new task parameters", k))
     method.start_task(k)
@@ -116,7 +116,7 @@ def load_checkpoint(path: Path, method, model, cfg) -> None:
         raise ValueError(f"{path}: cannot read this checkpoint ({e}); it may be truncated, so the run cannot "
                          "resume from it: start afresh in another --out") from None
     while method.num_tasks < state["num_tasks"]:
-        start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
+        seeded_start_task(method, method.num_tasks, cfg)  # shapes only: the values come from the checkpoint
     method.load_adapter_state_dict(state["adapters"], source=str(path))
     frozen = set(state["frozen"])
     for name, v in method.adapter_tensors().items():

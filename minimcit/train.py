@@ -28,11 +28,11 @@ from torch import nn
 from . import distributed as dist
 from .data import Collator, Sample, Task
 from .method import Method, stream_seed
-from .metrics import answered, answered_after, continual_summary
+from .metrics import tasks_answered_per_row, tasks_answered_per_stage, continual_summary
 from .model import IGNORE_INDEX, Llava
 from .official import percent, score_items
 from .runfolder import (first_difference, load_checkpoint, run_lock, save_checkpoint, save_results, stages_done,
-                        start_task, write_predictions)
+                        seeded_start_task, write_predictions)
 
 
 @dataclass
@@ -380,7 +380,7 @@ def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Col
                   run_info: dict | None = None, argv: list | None = None, skip_base: bool = False,
                   quiet: bool = False, plan: dict | None = None) -> dict:
     """Train the task sequence with `method` (already injected) stage by stage, as
-    `method.stages` lays it out, evaluating after each stage (`metrics.answered`) under both protocols;
+    `method.stages` lays it out, evaluating after each stage (`metrics.tasks_answered_per_row`) under both protocols;
     `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
     out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage.
     One run writes to a folder at a time (out/run.lock)."""
@@ -434,7 +434,7 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
 
     if done < 0:  # row 0: the base model; every adapter is still the identity
         if method.num_tasks == 0:
-            start_task(method, 0, cfg)
+            seeded_start_task(method, 0, cfg)
         results["params"] = params_of(method)  # as the first task starts training
         if skip_base:  # row 0 left empty: every metric but FWT stands without it
             add_rows(results, *empty_row(len(tasks)), 1)
@@ -444,12 +444,12 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
             add_rows(results, ev.rows, ev.format, 1)
         save_results(out, results)
         done = 0
-    upto = answered_after(plan, len(tasks))
+    upto = tasks_answered_per_stage(plan, len(tasks))
     for stage in range(done + 1, len(plan) + 1):
         t0 = time.time()
         k = stage - 1  # the method's task index of this stage
         if method.num_tasks <= k:
-            start_task(method, k, cfg)
+            seeded_start_task(method, k, cfg)
         samples = method.train_samples(plan[k], tasks, cfg.seed)
         what = names[plan[k][0]] if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
         curve = train_stage(model, method.parameter_groups(), samples, collator, cfg, stage=stage,
@@ -492,7 +492,7 @@ def add_rows(results: dict, rows: dict, fmt: list, copies: int) -> None:
 def summarise(results: dict) -> None:
     """The continual metrics of each protocol once the run is complete; None for a protocol with
     a cell it could not score (e.g. official TextVQA without its ten answers)."""
-    shown = answered(results["stages"], len(results["tasks"]))
+    shown = tasks_answered_per_row(results["stages"], len(results["tasks"]))
     for p in PROTOCOLS:
         where = suffix(results["protocol"], p)
         matrix = results[f"acc_matrix{where}"]
@@ -506,7 +506,7 @@ def rescore(out: Path) -> dict:
     results = json.loads((out / "results.json").read_text())
     scoring, tasks = results["scoring"], results["tasks"]
     results.update({f"acc_matrix{suffix(results['protocol'], p)}": [] for p in PROTOCOLS}, format_matrix=[])
-    upto = answered_after(results["stages"], len(tasks))
+    upto = tasks_answered_per_stage(results["stages"], len(tasks))
     for stage, copies in enumerate([1] + [len(s) for s in results["stages"]]):
         folder = out / "predictions" / f"stage_{stage}"
         if not folder.is_dir():
@@ -571,5 +571,5 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model:
     if done > 0:
         load_checkpoint(ckpt_dir / f"after_stage_{done}.pt", method, model, cfg)
     elif method.num_tasks == 0:
-        start_task(method, 0, cfg)
+        seeded_start_task(method, 0, cfg)
     return results, done

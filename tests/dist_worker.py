@@ -14,7 +14,7 @@ from minimcit.methods import make_method
 from minimcit.data import Collator
 from minimcit.minicoin import minicoin
 from minimcit.processing import TextTokenizer
-from minimcit.runfolder import start_task
+from minimcit.runfolder import seeded_start_task
 from minimcit.train import TrainConfig, train_stage
 
 
@@ -37,7 +37,7 @@ def main(folder: Path) -> None:
         model = tiny_llava()
         method = make_method(name, model, r=8, lora_alpha=16, verbose=False, **hp)
         for k in range(2):
-            start_task(method, k, cfg)
+            seeded_start_task(method, k, cfg)
             train_stage(model, method.parameter_groups(), tasks[k].train, collator, cfg, stage=k + 1,
                         label=name, method=method, task=k, quiet=True)
             for stat in method.statistics():

@@ -18,7 +18,7 @@ from minimcit.data import Collator
 from minimcit.methods import make_method
 from minimcit.minicoin import minicoin
 from minimcit.processing import TextTokenizer
-from minimcit.runfolder import start_task
+from minimcit.runfolder import seeded_start_task
 from minimcit.train import TrainConfig, train_stage
 
 aten = torch.ops.aten
@@ -82,7 +82,7 @@ def test_every_collective_of_a_training_stage_takes_tensors_on_the_groups_device
         method = make_method(name, model, r=8, lora_alpha=16, verbose=False, **hp)
         with shadow:
             for k in range(2):  # LiLoRA's L_reg from the second task on
-                start_task(method, k, cfg)
+                seeded_start_task(method, k, cfg)
                 curve = train_stage(model, method.parameter_groups(), tasks[k].train, collator, cfg,
                                     stage=k + 1, label=name, method=method, task=k, quiet=True)
                 for stat in method.statistics():  # BranchLoRA's gate counts, as the run sums them

@@ -14,7 +14,7 @@ from minimcit import train
 from minimcit.methods import make_method
 from minimcit.data import Collator, Sample
 from minimcit.processing import TextTokenizer
-from minimcit.metrics import answered, answered_after
+from minimcit.metrics import tasks_answered_per_row, tasks_answered_per_stage
 from minimcit.train import TrainConfig, lr_factor, predict, train_stage
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "what", "colour", "shape", "?", "ASSISTANT", ":", "red", "blue", "green",
@@ -214,12 +214,12 @@ def test_group_by_modality_length_by_hand():
 def test_evaluated_tasks_by_hand():
     """After stage k the tasks trained so far and the next are answered (FWT reads a[k][k+1]);
     the base answers every task, and a joint stage every task it trained."""
-    assert answered([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]
-    assert answered([[0, 1, 2, 3]], 4) == [4, 4, 4, 4, 4]  # one row per task the joint stage trained
-    assert answered_after([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]  # per stage, the base first
-    assert answered_after([[0, 1, 2, 3]], 4) == [4, 4]
-    assert answered_after([[0, 1], [2], [3]], 4) == [4, 3, 4, 4]  # a stage of two tasks, then one at a time
-    assert answered([[0, 1], [2], [3]], 4) == [4, 3, 3, 4, 4]
+    assert tasks_answered_per_row([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]
+    assert tasks_answered_per_row([[0, 1, 2, 3]], 4) == [4, 4, 4, 4, 4]  # one row per task the joint stage trained
+    assert tasks_answered_per_stage([[0], [1], [2], [3]], 4) == [4, 2, 3, 4, 4]  # per stage, the base first
+    assert tasks_answered_per_stage([[0, 1, 2, 3]], 4) == [4, 4]
+    assert tasks_answered_per_stage([[0, 1], [2], [3]], 4) == [4, 3, 4, 4]  # a stage of two tasks, then one at a time
+    assert tasks_answered_per_row([[0, 1], [2], [3]], 4) == [4, 3, 3, 4, 4]
 
 
 
