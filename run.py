@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minimcit import distributed as dist
-from minimcit.methods import DORA, METHODS, make_method
+from minimcit.methods import METHODS, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
@@ -52,8 +52,32 @@ LILORA_RECIPE = dict(epochs=1, batch_size=8, grad_accum=8, lr=2e-5, warmup_ratio
 ADAPTER_DROPOUT = 0.05  # on the adapter input, as all three reference codebases train on real data
 
 
+RECIPES = {"coin": COIN_RECIPE, "lilora": LILORA_RECIPE}  # a method names its own (Method.paper_recipe)
+
+
 def paper_recipe(method: str) -> dict:
-    return LILORA_RECIPE if method == "lilora" else COIN_RECIPE
+    return RECIPES[METHODS[method].paper_recipe]
+
+
+def method_options(method: str) -> set[str]:
+    """The flags (dest names) that belong to `method`: its class's options."""
+    return {o.name for o in METHODS[method].options}
+
+
+def add_method_flags(group) -> None:
+    """Every method's own flags, from the options its class declares; a flag several methods
+    share says which."""
+    users = {}
+    for name, cls in sorted(METHODS.items()):
+        for o in cls.options:
+            users.setdefault(o.name, (o, []))[1].append(name)
+    for o, names in users.values():
+        flag, text = "--" + o.name.replace("_", "-"), f"{', '.join(names)}: {o.help}"
+        if o.type is None:
+            action = argparse.BooleanOptionalAction if o.negatable else "store_true"
+            group.add_argument(flag, action=action, default=None, help=text)
+        else:
+            group.add_argument(flag, type=o.type, choices=o.choices or None, help=text)
 
 
 def parse_args(argv=None):
@@ -101,33 +125,7 @@ def parse_args(argv=None):
     h.add_argument("--r", type=int)
     h.add_argument("--lora-alpha", type=float)
     h.add_argument("--dropout", type=float, help=f"adapter input dropout (coin/cvit {ADAPTER_DROPOUT}, MiniCoIN 0)")
-    h.add_argument("--num-experts", type=int, help="moelora (8)")
-    h.add_argument("--num-branches", type=int, help="branchlora (8)")
-    h.add_argument("--top-k", type=int, help="branchlora (2)")
-    h.add_argument("--route", choices=["token", "sequence"], help="branchlora routing (token)")
-    h.add_argument("--freeze-trunk-after-first-task", action="store_true", default=None, help="branchlora")
-    h.add_argument("--tuning-freezing", action=argparse.BooleanOptionalAction, default=None,
-                   help="branchlora: freeze the k most used branches after each task (on; off: an ablation)")
-    h.add_argument("--shared-router", action="store_true", default=None,
-                   help="branchlora ablation: one router trained on every task instead of one per task")
-    h.add_argument("--r-task", type=int, help="lilora r~ (r/2)")
-    h.add_argument("--reg-weight", type=float, help="lilora lambda of L_reg (1.0)")
-    h.add_argument("--freeze-basis-after-first-task", action="store_true", default=None,
-                   help="lilora, as its released code")
-    h.add_argument("--share-a-only", action="store_true", default=None,
-                   help="lilora ablation, Table 2's 'Share A' row: a full B_t per task, no basis or fusion")
-    h.add_argument("--fixed-alpha", type=float, help="lilora ablation, Table 2: alpha fixed at 0, 0.5 or 1")
-    h.add_argument("--use-selector", action="store_true", default=None,
-                   help="dirlora / lilora: train the task selector too")
-    h.add_argument("--dora", action="store_true", default=None,
-                   help="weight-decomposed LoRA (DoRA) for " + ", ".join(sorted(DORA)))
-    h.add_argument("--replay-share", type=float, help="replay: share of each earlier task's training data kept (0.01)")
-    h.add_argument("--ewc-lambda", type=float, help="ewc: lambda of the penalty (400)")
-    h.add_argument("--fisher-samples", type=int, help="ewc: samples per task for the Fisher (64)")
-    h.add_argument("--lwf-lambda", type=float, help="lwf: lambda of the distillation term (1.0)")
-    h.add_argument("--temperature", type=float, help="lwf: softmax temperature T (2.0)")
-    h.add_argument("--olora-lambda1", type=float, help="olora: weight of the orthogonality term (0.5)")
-    h.add_argument("--olora-lambda2", type=float, help="olora: weight of the new LoRA's L2 term (0)")
+    add_method_flags(h)
     t = p.add_argument_group("training (defaults: the benchmark's recipe)")
     for f in fields(TrainConfig):
         if f.name == "seed":
@@ -141,30 +139,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-METHOD_OPTIONS = {  # flags that belong to one method; giving one to another method is an error
-    "moelora": {"num_experts"},
-    "branchlora": {"num_branches", "top_k", "route", "freeze_trunk_after_first_task", "tuning_freezing",
-                   "shared_router"},
-    "lilora": {"r_task", "reg_weight", "freeze_basis_after_first_task", "use_selector", "share_a_only",
-               "fixed_alpha"},
-    "dirlora": {"use_selector"},
-    "replay": {"replay_share"},
-    "ewc": {"ewc_lambda", "fisher_samples"},
-    "lwf": {"lwf_lambda", "temperature"},
-    "olora": {"olora_lambda1", "olora_lambda2"},
-}
-for _m in DORA:
-    METHOD_OPTIONS.setdefault(_m, set()).add("dora")
-
-
 def method_hparams(args) -> dict:
     hp = dict(preset(args.preset).adapter) if args.tasks.startswith("mini") else {"dropout": ADAPTER_DROPOUT}
-    for name in ("r", "lora_alpha", "dropout", *sorted(set().union(*METHOD_OPTIONS.values()))):
+    every = {o.name for cls in METHODS.values() for o in cls.options}
+    for name in ("r", "lora_alpha", "dropout", *sorted(every)):
         if getattr(args, name) is not None:
             hp[name] = getattr(args, name)
-    if args.task_identity == "selector" and args.method in ("dirlora", "lilora"):
+    if args.task_identity == "selector" and "use_selector" in method_options(args.method):
         hp["use_selector"] = True  # identity-free inference needs the selector trained
-    wrong = sorted(set(hp) - {"r", "lora_alpha", "dropout"} - METHOD_OPTIONS.get(args.method, set()))
+    wrong = sorted(set(hp) - {"r", "lora_alpha", "dropout"} - method_options(args.method))
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
     return hp
@@ -185,7 +168,7 @@ def train_config(args) -> TrainConfig:
 def task_identity(args) -> str:
     if args.task_identity:
         return args.task_identity
-    return "selector" if args.method == "branchlora" and not args.tasks.startswith("mini") else "oracle"
+    return "oracle" if args.tasks.startswith("mini") else METHODS[args.method].paper_identity
 
 
 def validate(args) -> None:
@@ -194,8 +177,7 @@ def validate(args) -> None:
                 "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
                 "max_new_tokens": args.max_new_tokens, "device_memory": args.device_memory, "r": args.r,
-                "num_branches": args.num_branches, "num_experts": args.num_experts, "top_k": args.top_k, "r_task": args.r_task,
-                "fisher_samples": args.fisher_samples, "temperature": args.temperature}
+                **{o.name: getattr(args, o.name) for cls in METHODS.values() for o in cls.options if o.positive}}
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")

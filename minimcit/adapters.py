@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .method import AdapterLinear, Method, kaiming
+from .method import DORA, USE_SELECTOR, AdapterLinear, Method, Option, kaiming
 
 # --------------------------------------------------------------------------- LoRA: SeqLoRA, DirLoRA, joint
 
@@ -89,6 +89,8 @@ class LoRAMethod(Method):
 class SeqLoRA(LoRAMethod):
     """One LoRA trained on every task in turn."""
 
+    options = (DORA,)
+
     def add_task_parameters(self, t):
         if t == 0:
             for layer in self.layers:
@@ -109,6 +111,7 @@ class DirLoRA(LoRAMethod):
     """A new LoRA per task, earlier ones frozen: the expansion upper bound."""
 
     task_specific = True
+    options = (DORA, USE_SELECTOR)
 
     def add_task_parameters(self, t):
         for layer in self.layers:
@@ -186,6 +189,8 @@ def expert_dropout(x, A, n: int, p: float):
 
 class MoELoRA(Method):
     """CoIN's MoELoRA: shared router, all experts trained on every task."""
+
+    options = (Option("num_experts", "N experts (8)", int, positive=True),)
 
     def __init__(self, model, *, num_experts: int = 8, **kw):
         _check_split(kw.get("r", 128), num_experts, "num_experts")
@@ -296,6 +301,16 @@ class BranchLoRA(Method):
     """Shared trunk A, N branches, a router per task, top-k routing, tuning-freezing, selector."""
 
     task_specific = True
+    paper_identity = "selector"  # its paper's identity-free protocol
+    options = (
+        Option("num_branches", "N branches (8)", int, positive=True),
+        Option("top_k", "branches per token (2)", int, positive=True),
+        Option("route", "routing (token)", str, choices=("token", "sequence")),
+        Option("freeze_trunk_after_first_task", "the shared A trained on the first task only"),
+        Option("tuning_freezing", "freeze the k most used branches after each task (on; off: an ablation)",
+               negatable=True),
+        Option("shared_router", "ablation: one router trained on every task instead of one per task"),
+    )
 
     def __init__(self, model, *, num_branches: int = 8, top_k: int = 2, route: str = "token",
                  freeze_trunk_after_first_task: bool = False, use_selector: bool = True,
@@ -441,6 +456,15 @@ class LiLoRA(Method):
 
     default_target = "ffn+projector"
     task_specific = True
+    paper_recipe = "lilora"
+    options = (
+        Option("r_task", "r~ (r/2)", int, positive=True),
+        Option("reg_weight", "lambda of L_reg (1.0)", float),
+        Option("freeze_basis_after_first_task", "B0 trained on the first task only, as its released code"),
+        USE_SELECTOR,
+        Option("share_a_only", "ablation, Table 2's 'Share A' row: a full B_t per task, no basis or fusion"),
+        Option("fixed_alpha", "ablation, Table 2: alpha fixed at 0, 0.5 or 1", float),
+    )
 
     def __init__(self, model, *, r_task: int | None = None, reg_weight: float = 1.0,
                  freeze_basis_after_first_task: bool = False, share_a_only: bool = False,

@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LoRALinear, LoRAMethod, SeqLoRA
-from .method import stream_seed
+from .method import Option, stream_seed
 
 # --------------------------------------------------------------------------- Replay
 
 
 class Replay(SeqLoRA):
     """SeqLoRA trained on each task's data mixed with a memory of every earlier task's."""
+
+    options = (*SeqLoRA.options,
+               Option("replay_share", "share of each earlier task's training data kept (0.01)", float))
 
     def __init__(self, model, *, replay_share: float = 0.01, **kw):
         if not 0 < replay_share <= 1:
@@ -48,6 +51,9 @@ class EWC(SeqLoRA):
     of task t's training samples of each adapter tensor's squared gradient of that sample's loss
     (the empirical diagonal Fisher), and theta* <- theta. F and theta* are buffers of the layers,
     so checkpoints carry them. Decision: lambda = 400 (TRACE's EWC default), 64 samples."""
+
+    options = (*SeqLoRA.options, Option("ewc_lambda", "lambda of the penalty (400)", float),
+               Option("fisher_samples", "samples per task for the Fisher (64)", int, positive=True))
 
     def __init__(self, model, *, ewc_lambda: float = 400.0, fisher_samples: int = 64, **kw):
         if ewc_lambda < 0 or fisher_samples < 1:
@@ -102,6 +108,9 @@ class LwF(SeqLoRA):
     the same batch and pulls the student's answer distribution towards it. Decision: lambda = 1,
     T = 2 (Li & Hoiem's temperature). The teacher is the adapters (SPEC): a projector trained
     alongside (CoIN's recipe) is shared by teacher and student."""
+
+    options = (*SeqLoRA.options, Option("lwf_lambda", "lambda of the distillation term (1.0)", float),
+               Option("temperature", "softmax temperature T (2.0)", float, positive=True))
 
     def __init__(self, model, *, lwf_lambda: float = 1.0, temperature: float = 2.0, **kw):
         if lwf_lambda < 0 or temperature <= 0:
@@ -176,6 +185,9 @@ class OLoRALinear(LoRALinear):
 class OLoRA(LoRAMethod):
     """O-LoRA (Wang et al. 2023): a new LoRA per task, learned in a subspace orthogonal to the
     earlier ones. Decision: l1 = 0.5, l2 = 0, O-LoRA's released defaults."""
+
+    options = (Option("olora_lambda1", "weight of the orthogonality term (0.5)", float),
+               Option("olora_lambda2", "weight of the new LoRA's L2 term (0)", float))
 
     def __init__(self, model, *, olora_lambda1: float = 0.5, olora_lambda2: float = 0.0, **kw):
         if kw.get("dora"):

@@ -14,6 +14,7 @@ import math
 import re
 from collections import Counter
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,24 @@ def wrap_summary(method: str, names: list[str]) -> str:
     return f"{method}: wrapped {len(names)} linears (" + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) + ")"
 
 
+@dataclass(frozen=True)
+class Option:
+    """A method's own command-line flag (--name-with-dashes), declared on the method's class;
+    run.py builds its parser and checks from these. type None: a switch (--x, or --x / --no-x
+    when negatable); positive: a value must be > 0."""
+    name: str
+    help: str
+    type: type | None = None
+    choices: tuple = ()
+    positive: bool = False
+    negatable: bool = False
+
+
+# Flags that several methods share.
+DORA = Option("dora", "weight-decomposed LoRA (DoRA)")
+USE_SELECTOR = Option("use_selector", "train the task selector too")
+
+
 # Every random stream of a run comes from (seed, purpose, index) alone, so a resumed run, any
 # number of processes and any order of calls draw the same numbers. The offsets keep the streams
 # apart (and are the ones runs were made with before this table).
@@ -133,6 +152,9 @@ class Method:
 
     default_target = "llm"
     task_specific = False  # has per-task parameters: inference needs a task (oracle or selector)
+    options: tuple[Option, ...] = ()  # its own flags, beyond r, lora_alpha and dropout
+    paper_recipe = "coin"  # the training recipe of the paper it is measured in (run.py's RECIPES)
+    paper_identity = "oracle"  # how its paper picks a task at test time on real data
 
     def __init__(self, model, *, r: int = 128, lora_alpha: float = 256, target: str | None = None,
                  dropout: float = 0.0, use_selector: bool = False, align_weight: float = 1.0, verbose: bool = True):

@@ -12,7 +12,6 @@ from .model import Llava
 METHODS = {"seqlora": SeqLoRA, "dirlora": DirLoRA, "joint": Joint, "moelora": MoELoRA,
            "branchlora": BranchLoRA, "lilora": LiLoRA,
            "replay": Replay, "ewc": EWC, "lwf": LwF, "olora": OLoRA}
-DORA = {"seqlora", "dirlora", "joint", "replay", "ewc", "lwf"}  # one LoRA pair per forward: --dora applies
 
 
 def make_method(name: str, model, **hparams) -> Method:

@@ -568,3 +568,37 @@ def test_table_scripts_reuse_only_runs_made_on_this_minicoin(tmp_path):
     fresh = dict(stale, config={"model": f"/cache/{base_name('smoke', 0)}"})
     (out / "results.json").write_text(json.dumps(fresh))
     assert run_or_reuse(out, "seqlora", [], "minicvit", "smoke", 0) == fresh  # reused, nothing run
+
+
+def test_a_method_is_one_class_and_one_registry_line(tmp_path, cache, monkeypatch):
+    """A new method: one class declaring its own flag, one registry entry; run.py parses, checks
+    and passes the flag, refuses it for other methods, and runs the method end to end."""
+    from minimcit.adapters import SeqLoRA
+    from minimcit.method import Option
+    from minimcit.methods import METHODS
+
+    made = []
+
+    class ScaledLoRA(SeqLoRA):
+        """SeqLoRA with its update scaled by --update-scale."""
+        options = (*SeqLoRA.options, Option("update_scale", "factor on s (1.0)", float, positive=True))
+
+        def __init__(self, model, *, update_scale: float = 1.0, **kw):
+            self.update_scale = update_scale
+            super().__init__(model, **kw)
+            made.append(self)
+
+        def make_layer(self, base):
+            layer = super().make_layer(base)
+            layer.scaling *= self.update_scale
+            return layer
+
+    monkeypatch.setitem(METHODS, "scaledlora", ScaledLoRA)  # the one line a new method needs
+    out = tmp_path / "scaled"
+    assert run.main(["--method", "scaledlora", *SMOKE, "--update-scale", "0.5", "--out", str(out),
+                     "--cache", str(cache)]) == 0
+    assert made[-1].update_scale == 0.5 and load(out)["method"] == "scaledlora" and load(out)["complete"]
+    hp = made[-1]
+    assert all(layer.scaling == 0.5 * hp.alpha / hp.r for layer in hp.layers)
+    assert run.main(["--method", "seqlora", *SMOKE, "--update-scale", "0.5", "--out", str(tmp_path / "s")]) == 1
+    assert run.main(["--method", "scaledlora", *SMOKE, "--update-scale", "0", "--out", str(tmp_path / "z")]) == 1
