@@ -180,6 +180,21 @@ def optimizer(groups: list[dict], projector, cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def stage_steps(samples: list[Sample], cfg: TrainConfig, stage: int) -> list[list[list[int]]]:
+    """A stage's optimiser steps, each a list of micro-batches of sample indices: batch_size x
+    grad_accum samples a step, in an order drawn from (seed, stage) alone, so every process and
+    a resumed run see the same steps."""
+    g = torch.Generator().manual_seed(stream_seed(cfg.seed, "training order", stage))
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = max(1, math.ceil(len(samples) * cfg.epochs / per_step))
+    epochs = [torch.randperm(len(samples), generator=g).tolist() for _ in range(math.ceil(cfg.epochs) + 1)]
+    if cfg.group_by_modality_length:
+        epochs = [modality_length_order(perm, samples, per_step, g) for perm in epochs]
+    order = [i for perm in epochs for i in perm]
+    steps = [order[k * per_step:(k + 1) * per_step] for k in range(total)]
+    return [[idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)] for idx in steps]
+
+
 def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
@@ -190,26 +205,16 @@ def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collato
     batch_size x grad_accum samples, drawn in an order fixed by the seed; under torchrun its
     micro-batches are dealt out across processes and the gradients summed (distributed.py).
     Gradient accumulation weights every answer token of the step equally, on any world size."""
-    torch.manual_seed(stream_seed(cfg.seed, "training order", stage))  # and adapter dropout's masks
-    g = torch.Generator().manual_seed(stream_seed(cfg.seed, "training order", stage))
-    per_step = cfg.batch_size * cfg.grad_accum
-    total = max(1, math.ceil(len(samples) * cfg.epochs / per_step))
-    epochs = [torch.randperm(len(samples), generator=g).tolist() for _ in range(math.ceil(cfg.epochs) + 1)]
-    if cfg.group_by_modality_length:
-        epochs = [modality_length_order(perm, samples, per_step, g) for perm in epochs]
-    order = [i for perm in epochs for i in perm]
+    torch.manual_seed(stream_seed(cfg.seed, "training order", stage))  # adapter dropout's masks
+    rank, world = dist.rank(), dist.world_size()
+    steps = [(chunks, chunks[rank::world]) for chunks in stage_steps(samples, cfg, stage)]  # all, and this process's
+    total, per_step = len(steps), cfg.batch_size * cfg.grad_accum
     opt = optimizer(groups, projector, cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
     clipped = [p for group in opt.param_groups if group["clip"] for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
     progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
-    rank, world = dist.rank(), dist.world_size()
-    steps = []  # per step: every micro-batch of the step, and those this process takes
-    for step in range(total):
-        idx = order[step * per_step:(step + 1) * per_step]
-        chunks = [idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)]
-        steps.append((chunks, chunks[rank::world]))
     # Images are decoded in DataLoader workers while the model trains; the batches are fixed above,
     # so the worker count changes nothing but speed.
     cuda = str(device).startswith("cuda")
@@ -402,6 +407,21 @@ def experiment(cfg: TrainConfig) -> dict:
     return {**d, "global_batch": cfg.batch_size * cfg.grad_accum}
 
 
+def new_results(method, tasks, cfg, plan, *, identity, primary, run_info, argv) -> dict:
+    """results.json of a run about to start: what it is (its `config`, which resume checks), and
+    empty matrices. argv is the command that made it: --evaluate rebuilds the run from there."""
+    names = [t.name for t in tasks]
+    fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": experiment(cfg),
+                   **(run_info or {})}
+    other = next(p for p in PROTOCOLS if p != primary)  # Decision (SPEC §3): both protocols' matrices are kept
+    return {"method": fingerprint["method"], "tasks": names, "stages": plan, "protocol": primary,
+            "acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": [], "summary": None,
+            f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
+            "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
+                        for t in tasks},
+            "stage_seconds": [], "loss_curves": [], "config": fingerprint, "complete": False, "argv": argv}
+
+
 def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, argv,
                 skip_base, quiet, memory_plan):
     ckpt_dir = out / "checkpoints"
@@ -409,16 +429,9 @@ def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, 
     names = [t.name for t in tasks]
     plan = method.stages(len(tasks))  # the tasks each stage trains on
     projector = trained_projector(model, method, cfg)
-    fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": experiment(cfg),
-                   **(run_info or {})}
-    other = next(p for p in PROTOCOLS if p != primary)  # Decision (SPEC §3): both protocols' matrices are kept
-    results = {"method": fingerprint["method"], "tasks": names, "stages": plan, "protocol": primary,
-               "acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": [], "summary": None,
-               f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
-               "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
-                           for t in tasks},
-               "stage_seconds": [], "loss_curves": [], "config": fingerprint, "complete": False,
-               "argv": argv}  # the command that made the run: --evaluate rebuilds it from here
+    results = new_results(method, tasks, cfg, plan, identity=identity, primary=primary, run_info=run_info,
+                          argv=argv)
+    fingerprint = results["config"]
     done = -1  # last finished stage; -1: not even the base evaluated
     if resume and (out / "results.json").is_file():
         results, done = _resume(out, ckpt_dir, fingerprint, method, model, cfg)
