@@ -83,7 +83,7 @@ class LoRAMethod(Method):
         super().__init__(model, **kw)
 
     def make_layer(self, base):
-        return LoRALinear(base, self.r, self.alpha, self.dora)
+        return LoRALinear(base, self.r, self.lora_alpha, self.dora)
 
 
 class SeqLoRA(LoRAMethod):
@@ -198,7 +198,7 @@ class MoELoRA(Method):
         super().__init__(model, **kw)
 
     def make_layer(self, base):
-        return MoELoRALinear(base, self.r, self.alpha, self.num_experts)
+        return MoELoRALinear(base, self.r, self.lora_alpha, self.num_experts)
 
 
 # --------------------------------------------------------------------------- BranchLoRA
@@ -327,7 +327,8 @@ class BranchLoRA(Method):
         super().__init__(model, use_selector=use_selector, **kw)
 
     def make_layer(self, base):
-        return BranchLoRALinear(base, self.r, self.alpha, self.num_branches, self.top_k, self.ctx, self.shared_router)
+        return BranchLoRALinear(base, self.r, self.lora_alpha, self.num_branches, self.top_k, self.ctx,
+                                self.shared_router)
 
     def add_task_parameters(self, t):
         for layer in self.layers:
@@ -485,8 +486,8 @@ class LiLoRA(Method):
 
     def make_layer(self, base):
         if self.share_a_only:
-            return SharedALinear(base, self.r, self.alpha)
-        return LiLoRALinear(base, self.r, self.alpha, self.r_task, self.fixed_alpha)
+            return SharedALinear(base, self.r, self.lora_alpha)
+        return LiLoRALinear(base, self.r, self.lora_alpha, self.r_task, self.fixed_alpha)
 
     def add_task_parameters(self, t):
         for layer in self.layers:

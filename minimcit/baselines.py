@@ -199,7 +199,7 @@ class OLoRA(LoRAMethod):
         super().__init__(model, **kw)
 
     def make_layer(self, base):
-        return OLoRALinear(base, self.r, self.alpha)
+        return OLoRALinear(base, self.r, self.lora_alpha)
 
     def add_task_parameters(self, t):
         for layer in self.layers:

@@ -160,7 +160,7 @@ class Method:
                  dropout: float = 0.0, use_selector: bool = False, align_weight: float = 1.0, verbose: bool = True):
         if r < 1:
             raise ValueError(f"r must be at least 1, got {r}")
-        self.model, self.r, self.alpha = model, r, lora_alpha
+        self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
         model.requires_grad_(False)  # the base is frozen; adapters own every trainable tensor
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)

@@ -599,6 +599,6 @@ def test_a_method_is_one_class_and_one_registry_line(tmp_path, cache, monkeypatc
                      "--cache", str(cache)]) == 0
     assert made[-1].update_scale == 0.5 and load(out)["method"] == "scaledlora" and load(out)["complete"]
     hp = made[-1]
-    assert all(layer.scaling == 0.5 * hp.alpha / hp.r for layer in hp.layers)
+    assert all(layer.scaling == 0.5 * hp.lora_alpha / hp.r for layer in hp.layers)
     assert run.main(["--method", "seqlora", *SMOKE, "--update-scale", "0.5", "--out", str(tmp_path / "s")]) == 1
     assert run.main(["--method", "scaledlora", *SMOKE, "--update-scale", "0", "--out", str(tmp_path / "z")]) == 1
