@@ -75,10 +75,6 @@ class AdapterLinear(nn.Module):
         with s already in h (a k-wide tensor, k the adapter's rank, not the layer's width)."""
         raise NotImplementedError
 
-    def delta(self, x):  # s * (adapter update) x, (..., out)
-        h, B = self.update(x)
-        return F.linear(h, B)
-
     def delta_weight(self):  # (out, in): s * DeltaW of the active task
         raise NotImplementedError(f"{type(self).__name__} routes per input and cannot be merged")
 
