@@ -127,8 +127,8 @@ def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: 
     """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens (a number,
     or a tensor on the device) over its `n_micro` micro-batches; gradients accumulate in .grad.
     Returns the micro-batch's share of the step's loss as (L_task, the method's own terms), detached,
-    on the device. The backward
-    runs inside the method's batch context, where a checkpointed layer is recomputed.
+    on the device. The backward runs inside the method's batch context, where a checkpointed layer
+    is recomputed.
     benchmarks/bench_7b.py and minimcit/plan.py measure this very function."""
     ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
     recompute = (method.recompute_context if method else nullcontext) if checkpointing else None
