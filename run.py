@@ -64,6 +64,11 @@ def method_options(method: str) -> set[str]:
     return {o.name for o in METHODS[method].options}
 
 
+def all_method_options() -> dict:
+    """Every method's own options by name (a flag several methods share appears once)."""
+    return {o.name: o for cls in METHODS.values() for o in cls.options}
+
+
 def add_method_flags(group) -> None:
     """Every method's own flags, from the options its class declares; a flag several methods
     share says which."""
@@ -141,8 +146,7 @@ def parse_args(argv=None):
 
 def method_hparams(args) -> dict:
     hp = dict(preset(args.preset).adapter) if args.tasks.startswith("mini") else {"dropout": ADAPTER_DROPOUT}
-    every = {o.name for cls in METHODS.values() for o in cls.options}
-    for name in ("r", "lora_alpha", "dropout", *sorted(every)):
+    for name in ("r", "lora_alpha", "dropout", *sorted(all_method_options())):
         if getattr(args, name) is not None:
             hp[name] = getattr(args, name)
     if args.task_identity == "selector" and "use_selector" in method_options(args.method):
@@ -177,7 +181,7 @@ def validate(args) -> None:
                 "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
                 "max_new_tokens": args.max_new_tokens, "device_memory": args.device_memory, "r": args.r,
-                **{o.name: getattr(args, o.name) for cls in METHODS.values() for o in cls.options if o.positive}}
+                **{name: getattr(args, name) for name, o in all_method_options().items() if o.positive}}
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
