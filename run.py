@@ -399,6 +399,7 @@ def build(args) -> Setup:
                                       eval_batch_size=plan.eval_batch_size)
         model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,
                                       dtype=dtype, device=device)
+    model.requires_grad_(False)  # the base is frozen: the method's adapters (and a trained projector) train
     # Adapters built at injection draw from the seed here, whatever ran before (stage 1 on a cache miss).
     torch.manual_seed(args.seed)
     method = make_method(args.method, model, **hp)

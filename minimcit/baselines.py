@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LoRALinear, LoRAMethod, SeqLoRA
-from .method import Option, stream_seed
+from .method import Method, Option, stream_seed
 
 # --------------------------------------------------------------------------- Replay
 
@@ -137,15 +137,13 @@ class LwF(SeqLoRA):
         """The teacher's answer logits (n, V): the same forward with every layer on pair 1, no dropout."""
         was_training = self.model.training
         self.model.eval()
-        for layer in self.layers:
-            layer.task = 1
+        Method.use_task(self, 1)  # pair 1, the teacher: SeqLoRA's use_task maps every task to pair 0
         try:
             with torch.no_grad():
                 return self.model.answer_logits(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                                                 batch["labels"])[0]
         finally:
-            for layer in self.layers:
-                layer.task = 0
+            self.use_task(0)
             self.model.train(was_training)
 
     def extra_loss(self, batch, task, logits=None):

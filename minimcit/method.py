@@ -41,8 +41,8 @@ class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        self.weight = base.weight.requires_grad_(False)  # W0 is frozen: the adapter is what trains
+        self.bias = None if base.bias is None else base.bias.requires_grad_(False)
         self.r, self.scaling = r, alpha / r
         self.task = 0  # which task's parameters the forward uses
         self.plain = False  # the forward is W0 x + b alone: while merged, or while the base model answers
@@ -158,7 +158,6 @@ class Method:
             raise ValueError(f"r must be at least 1, got {r}")
         self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
-        model.requires_grad_(False)  # the base is frozen; adapters own every trainable tensor
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]

@@ -195,6 +195,7 @@ def build(c: LlavaConfig, method: str, hparams: dict, cfg, tasks: int, dtype):
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             t.data = t.data.to(dtype)  # per tensor, not Module.to(), which fake tensors refuse
+    model.requires_grad_(False)  # the base is frozen, as run.py freezes it
     m = make_method(method, model, verbose=False, **hparams)
     for t in range(tasks):
         m.start_task(t)

@@ -211,6 +211,11 @@ def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collato
     total, per_step = len(steps), cfg.batch_size * cfg.grad_accum
     opt = optimizer(groups, projector, cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
+    untrained = {id(p) for p in model.parameters() if p.requires_grad} - {id(p) for p in params}
+    if untrained:  # autograd would fill their .grad at every step, and no optimiser would read it
+        name = next(n for n, p in model.named_parameters() if id(p) in untrained)
+        raise ValueError(f"{label}: {len(untrained)} model tensor(s) receive gradients but are not trained, e.g. "
+                         f"{name!r}; freeze the base first (model.requires_grad_(False)), then build the method")
     clipped = [p for group in opt.param_groups if group["clip"] for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()

@@ -24,8 +24,9 @@ def tiny_config(**text):
 
 
 def tiny_llava(seed=0):
+    """A tiny random base to adapt, frozen as run.py freezes the base before building a method."""
     torch.manual_seed(seed)
-    return Llava(tiny_config()).eval()
+    return Llava(tiny_config()).eval().requires_grad_(False)
 
 
 def batch(seed=1, n=2, text=6):

@@ -155,6 +155,19 @@ def test_train_projector_is_refused_where_the_method_adapts_the_projector():
     assert not any(p.requires_grad for p in model.language_model.parameters())
 
 
+def test_a_base_left_trainable_is_refused_before_a_step_and_wrapping_freezes_only_w0(collator):
+    model = tiny_llava().requires_grad_(True)  # the caller forgot model.requires_grad_(False)
+    method = make_method("seqlora", model, r=4, lora_alpha=8, verbose=False)
+    method.start_task(0)
+    q = model.language_model.layers[0].self_attn.q_proj
+    assert not q.weight.requires_grad and model.lm_head.weight.requires_grad  # the layer froze its own W0
+    before = [p.detach().clone() for p in method.trainable_parameters()]
+    with pytest.raises(ValueError, match=r"receive gradients but are not trained, e.g. 'vision_tower\."):
+        train_stage(model, method.parameter_groups(), samples(4), collator, TrainConfig(batch_size=2), stage=1,
+                    label="t", method=method, quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, method.trainable_parameters()))  # no step was taken
+
+
 @pytest.mark.parametrize("name", ["seqlora", "dirlora", "joint", "moelora", "branchlora", "lilora"])
 def test_bf16_on_cpu_one_step_and_one_generation(name, collator):
     """The path a GPU run takes, on CPU: a bf16 base under bf16 autocast, fp32 adapters and AdamW
