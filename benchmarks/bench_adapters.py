@@ -52,7 +52,7 @@ def main():
     cfg, device = (LLAVA_7B, "cuda") if args.big else (TINY, "cpu")
     torch.manual_seed(0)
     with torch.device(device):
-        base = Llava(cfg).to(torch.bfloat16 if args.big else torch.float32)
+        base = Llava(cfg).to(torch.bfloat16 if args.big else torch.float32).requires_grad_(False)  # as run.py freezes it
     n_img = cfg.num_image_tokens
     ids = torch.randint(3, 7000, (args.batch, n_img + args.text_len), device=device)
     ids[:, 5:5 + n_img] = cfg.image_token_index

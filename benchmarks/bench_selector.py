@@ -28,7 +28,7 @@ def main(reps: int = 15, batch: int = 16, text_len: int = 60):
     p = PRESETS["default"]
     cfg = LlavaConfig(vision=VisionConfig(**p.vision), text=TextConfig(vocab_size=800, **p.text), image_token_index=799)
     torch.manual_seed(0)
-    model = Llava(cfg)
+    model = Llava(cfg).requires_grad_(False)  # the base is frozen, as run.py freezes it
     method = make_method("branchlora", model, verbose=False, **p.adapter)
     method.start_task(0)
     n_img = cfg.num_image_tokens
