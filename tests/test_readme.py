@@ -1,14 +1,35 @@
-"""The README's Python blocks, executed, so they cannot go stale: the loading block against tiny
-checkpoints written under the folder names it uses, the methods block as it stands (MiniCoIN's
-smoke base, built into a temporary cache)."""
+"""The README's Python blocks and its self-contained shell commands, executed, so they cannot go
+stale: the loading block against tiny checkpoints written under the folder names it uses, the
+methods block as it stands (MiniCoIN's smoke base, built into a temporary cache), and every
+`python run.py` command on a built-in benchmark (or on the runs those make) at the smoke preset."""
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import hf_llava, write_hub, write_original
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def shell_commands() -> list[list[str]]:
+    """Every `python run.py ...` of the README's bash blocks, continuation lines joined, comments
+    dropped, each `&&` part on its own."""
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S)).replace("\\\n", " ")
+    parts = [part.strip() for line in text.splitlines() for part in line.split("&&")]
+    return [shlex.split(part, comments=True) for part in parts if part.startswith("python run.py")]
+
+
+def self_contained(argv: list[str]) -> bool:
+    """Needs no data the user brings: a built-in benchmark, or a run folder such a command made."""
+    if "--tasks" in argv:
+        return argv[argv.index("--tasks") + 1].startswith("mini")
+    return any(flag in argv and argv[argv.index(flag) + 1].startswith("runs/") for flag in ("--rescore", "--evaluate"))
 
 
 def block(marker: str) -> str:
@@ -41,3 +62,21 @@ def test_the_methods_block_runs(tmp_path, monkeypatch):
     assert scope["answer"].shape[0] == len(scope["tasks_hat"]) == 4
 
 
+
+
+def test_the_readme_minicoin_commands_run_at_the_smoke_preset(tmp_path):
+    commands = [argv for argv in shell_commands() if self_contained(argv)]
+    shown = [" ".join(argv) for argv in commands]
+    # the Quick-start run, and the README's MiniCoIN examples that reuse one run folder
+    assert "python run.py --method branchlora --tasks minicoin" in shown
+    assert any("--resume" in a for a in commands) and any("--rescore" in a for a in commands)
+    assert any("--evaluate" in a for a in commands) and len(commands) >= 7, shown
+    env = {**os.environ, "MINIMCIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    for argv in commands:
+        assert argv[:2] == ["python", "run.py"]
+        extra = ["--preset", "smoke", "--quiet"] if "--tasks" in argv else []
+        done = subprocess.run([sys.executable, str(ROOT / "run.py"), *argv[2:], *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(argv)}\n{done.stderr[-3000:]}"
+    assert (tmp_path / "runs" / "seqlora" / "evaluations" / "stage_3").is_dir()
+    assert (tmp_path / "runs" / "branchlora-minicoin-smoke" / "results.json").is_file()
