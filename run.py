@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from minimcit.pretrain import pretrain_base
 from minimcit.processing import SYSTEM, TextTokenizer
 from minimcit.report import write_report
 from minimcit.runfolder import load_checkpoint, run_lock, seeded_start_task, stages_done, write_evaluation
-from minimcit.train import TrainConfig, evaluate, keep_freed_memory, rescore, run_continual
+from minimcit.train import Experiment, TrainConfig, evaluate, keep_freed_memory, rescore, run_continual
 
 # Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
 # CoIN (scripts/LLaVA/Train/*.sh), for its LoRA and MoELoRA and so for BranchLoRA, which builds on it:
@@ -283,15 +283,13 @@ def run(args, argv: list) -> int:
     if dist.is_main():
         probe_writable(out)  # before minutes of loading
     dist.barrier()
-    s = build(args)
+    exp = build(args, argv)
     if not args.quiet:
-        print(f"global batch: {s.cfg.batch_size} x {s.cfg.grad_accum} accumulation = "
-              f"{s.cfg.batch_size * s.cfg.grad_accum} samples per step, dealt out over {world} process(es); "
+        print(f"global batch: {exp.cfg.batch_size} x {exp.cfg.grad_accum} accumulation = "
+              f"{exp.cfg.batch_size * exp.cfg.grad_accum} samples per step, dealt out over {world} process(es); "
               "the same optimisation at any world size", file=sys.stderr)
     try:
-        results = run_continual(s.model, s.method, s.tasks, s.collator, s.cfg, out, identity=s.identity,
-                                resume=args.resume, primary=s.primary, device=s.device, run_info=s.run_info,
-                                argv=argv, skip_base=args.skip_base_eval, quiet=args.quiet, plan=s.plan)
+        results = run_continual(exp, out, resume=args.resume)
     finally:
         dist.finish()
     if dist.is_main():
@@ -315,41 +313,24 @@ def evaluate_run(out: Path, stage: int | None) -> int:
     stage = done if stage is None else stage
     if not 0 <= stage <= done:
         raise ValueError(f"--stage {stage}: {out} has stages 0..{done} finished")
-    s = build(args)
+    exp = build(args, saved)
     with run_lock(out):
         if stage > 0:
-            load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", s.method, s.model, s.cfg)
+            load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", exp.method, exp.model, exp.cfg)
         else:  # the base model, as the run evaluated it: the first task's adapters started, still the identity
-            seeded_start_task(s.method, 0, s.cfg)
-        ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method,
-                      trained=s.method.num_tasks if stage else 0, identity=s.identity, device=s.device,
-                      quiet=args.quiet)
-        folder = write_evaluation(out, stage, ev, s.primary, ["--evaluate", str(out)])
-    print(f"stage {stage} ({s.primary}): " + "  ".join(f"{t.name} {'n/a' if v is None else v}"
-                                                      for t, v in zip(s.tasks, ev.rows[s.primary])))
+            seeded_start_task(exp.method, 0, exp.cfg)
+        ev = evaluate(exp, trained=exp.method.num_tasks if stage else 0)
+        folder = write_evaluation(out, stage, ev, exp.primary, ["--evaluate", str(out)])
+    print(f"stage {stage} ({exp.primary}): " + "  ".join(f"{t.name} {'n/a' if v is None else v}"
+                                                        for t, v in zip(exp.tasks, ev.rows[exp.primary])))
     print(f"wrote {folder}")
     return 0
 
 
-@dataclass
-class Setup:
-    model: Llava
-    method: object
-    tasks: list
-    collator: Collator
-    cfg: TrainConfig
-    identity: str
-    primary: str
-    device: torch.device
-    run_info: dict
-    plan: dict | None = None  # the memory plan the run follows (real data on a GPU, or --device-memory)
-
-
-def build(args) -> Setup:
-    """Everything a run needs from its flags: tasks, model, tokenizer, method, recipe."""
+def build(args, argv: list | None = None) -> Experiment:
+    """Everything a run needs from its flags, resolved once: recipe, tasks, model, method."""
     hp = method_hparams(args)  # refuse bad flags before minutes of loading or pre-training
     identity = task_identity(args)
-    mini = args.tasks.startswith("mini")
     cfg = train_config(args)
     device = torch.device(args.device)
     if device.type == "cuda" and dist.world_size() > 1:  # torchrun: this process's own GPU
@@ -358,66 +339,81 @@ def build(args) -> Setup:
         keep_freed_memory()
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-
-    if mini:
-        if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
-            raise ValueError(f"--tasks {args.tasks} is built in: it takes no --data-root, --image-root or --model")
-        if dist.is_main():  # stage 1 once; the other processes read the cached base
-            pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=args.quiet)
-        dist.barrier()
-        model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=True)
-        tasks = order_tasks(minicoin(args.tasks, args.preset, args.seed), args.task_order)
-        model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
-        # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
-        # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).
-        collator, plan = make_collator(model_path, model.config, ""), None
+    if args.tasks.startswith("mini"):
+        model_path, model, tasks, collator, plan = minicoin_parts(args, device, dtype)
     else:
-        needed = ("image_root", "model") if args.tasks == "custom" else ("data_root", "image_root", "model")
-        missing = missing_flags(args, needed)
-        if missing:
-            raise ValueError(f"--tasks {args.tasks} needs {', '.join(missing)}")
-        if args.tasks == "custom":
-            tasks = load_custom(args.task_dir, args.image_root, args.max_per_task, max_test=args.max_test_per_task)
-        else:
-            tasks = load_benchmark(args.tasks, args.data_root, args.image_root, args.max_per_task,
-                                   instructions=args.instructions, textvqa_answers=args.textvqa_answers,
-                                   max_test=args.max_test_per_task)
-        tasks = order_tasks(tasks, args.task_order)
-        gone = missing_images(tasks)  # before minutes of loading and hours of training
-        if gone:
-            shown = "\n  ".join(map(str, gone[:10]))
-            raise FileNotFoundError(f"{len(gone)} image(s) the run would read are missing under {args.image_root}, "
-                                    f"e.g.\n  {shown}\n(run.py --check-data lists every fault)")
-        print_data_plan(args, tasks, cfg, identity)
-        c = read_config(args.model, vision_tower=args.vision_tower)
-        tok_path = args.tokenizer or args.model
-        collator = make_collator(tok_path, c, SYSTEM)
-        plan = memory_plan(args, c, hp, cfg, tasks, collator, device, dtype)
-        if plan is not None:
-            cfg = dataclasses.replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
-                                      gradient_checkpointing=plan.gradient_checkpointing,
-                                      eval_batch_size=plan.eval_batch_size)
-        model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,
-                                      dtype=dtype, device=device)
+        model_path, model, tasks, collator, plan = real_data_parts(args, hp, cfg, identity, device, dtype)
+    if plan is not None:
+        cfg = dataclasses.replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
+                                  gradient_checkpointing=plan.gradient_checkpointing,
+                                  eval_batch_size=plan.eval_batch_size)
     model.requires_grad_(False)  # the base is frozen: the method's adapters (and a trained projector) train
     # Adapters built at injection draw from the seed here, whatever ran before (stage 1 on a cache miss).
     torch.manual_seed(args.seed)
     method = make_method(args.method, model, **hp)
-    run_info = {"model": str(args.model or model_path), "hparams": hp, "task_identity": identity,
-                "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task, "dtype": dtype_name}
-    if mini:  # what defines MiniCoIN's data beyond the flags: its test-set sizes and prompt
-        run_info.update(test_items=[len(t.test) for t in tasks], system_line=bool(collator.system))
-    else:  # what defines a real-data experiment beyond the flags: the paths and what is in them
-        paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
-                 ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",
-                  "--task-dir")}
-        run_info.update({"instructions": args.instructions,
-                         "paths": {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()},
-                         "contents": content_fingerprint(tasks, args.model, tok_path, args.projector,
-                                                         args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS)})
-    primary = "robust" if mini or args.tasks == "custom" else "official"
-    return Setup(model, method, tasks, collator, cfg, identity, primary, device, run_info,
-                 None if plan is None else plan.to_dict())
+    run_info = {"model": str(model_path), "hparams": hp, "task_identity": identity,
+                "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task,
+                "dtype": dtype_name, **data_description(args, tasks, collator)}
+    primary = "robust" if args.tasks.startswith("mini") or args.tasks == "custom" else "official"
+    return Experiment(model, method, tasks, collator, cfg, identity, primary, device, run_info,
+                      None if plan is None else plan.to_dict(), argv, args.skip_base_eval, args.quiet)
+
+
+def minicoin_parts(args, device, dtype):
+    """A built-in benchmark: its base's folder (stage 1, trained once and cached), the base, tasks,
+    collator, and no memory plan."""
+    if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
+        raise ValueError(f"--tasks {args.tasks} is built in: it takes no --data-root, --image-root or --model")
+    if dist.is_main():  # stage 1 once; the other processes read the cached base
+        pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=args.quiet)
+    dist.barrier()
+    model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=True)
+    tasks = order_tasks(minicoin(args.tasks, args.preset, args.seed), args.task_order)
+    model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
+    # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
+    # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).
+    return model_path, model, tasks, make_collator(model_path, model.config, ""), None
+
+
+def real_data_parts(args, hp: dict, cfg: TrainConfig, identity: str, device, dtype):
+    """CoIN, CVIT or custom tasks from the user's paths, checked before the model loads: the
+    checkpoint's folder, the model, tasks, collator and the memory plan for the device."""
+    needed = ("image_root", "model") if args.tasks == "custom" else ("data_root", "image_root", "model")
+    missing = missing_flags(args, needed)
+    if missing:
+        raise ValueError(f"--tasks {args.tasks} needs {', '.join(missing)}")
+    if args.tasks == "custom":
+        tasks = load_custom(args.task_dir, args.image_root, args.max_per_task, max_test=args.max_test_per_task)
+    else:
+        tasks = load_benchmark(args.tasks, args.data_root, args.image_root, args.max_per_task,
+                               instructions=args.instructions, textvqa_answers=args.textvqa_answers,
+                               max_test=args.max_test_per_task)
+    tasks = order_tasks(tasks, args.task_order)
+    gone = missing_images(tasks)  # before minutes of loading and hours of training
+    if gone:
+        shown = "\n  ".join(map(str, gone[:10]))
+        raise FileNotFoundError(f"{len(gone)} image(s) the run would read are missing under {args.image_root}, "
+                                f"e.g.\n  {shown}\n(run.py --check-data lists every fault)")
+    print_data_plan(args, tasks, cfg, identity)
+    c = read_config(args.model, vision_tower=args.vision_tower)
+    collator = make_collator(args.tokenizer or args.model, c, SYSTEM)
+    plan = memory_plan(args, c, hp, cfg, tasks, collator, device, dtype)
+    model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,
+                                  dtype=dtype, device=device)
+    return args.model, model, tasks, collator, plan
+
+
+def data_description(args, tasks, collator) -> dict:
+    """What defines the data beyond the flags, for results.json's config."""
+    if args.tasks.startswith("mini"):  # its test-set sizes and prompt
+        return {"test_items": [len(t.test) for t in tasks], "system_line": bool(collator.system)}
+    paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
+             ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",
+              "--task-dir")}
+    return {"instructions": args.instructions,  # the paths, and what is in them
+            "paths": {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()},
+            "contents": content_fingerprint(tasks, args.model, args.tokenizer or args.model, args.projector,
+                                            args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS)}
 
 
 def make_collator(tok_path, c, system: str) -> Collator:

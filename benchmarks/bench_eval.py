@@ -48,9 +48,12 @@ def child(out: Path) -> None:
         else:
             seeded_start_task(s.method, 0, s.cfg)
         t0 = time.perf_counter()
-        ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method,
-                      trained=s.method.num_tasks if stage else 0, identity=s.identity, device=s.device,
-                      quiet=True, upto=upto[stage])
+        trained = s.method.num_tasks if stage else 0
+        if hasattr(run, "Experiment"):  # build returns the run's one settings object (issue 23)
+            ev = evaluate(s, trained=trained, upto=upto[stage])
+        else:
+            ev = evaluate(s.model, s.tasks, s.collator, s.cfg, method=s.method, trained=trained,
+                          identity=s.identity, device=s.device, quiet=True, upto=upto[stage])
         seconds.append(time.perf_counter() - t0)
         preds[stage] = {t: [r["prediction"] for r in items] for t, items in ev.items.items()}
     print(json.dumps({"seconds": seconds, "predictions": preds}))

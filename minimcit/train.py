@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -195,6 +195,25 @@ def stage_steps(samples: list[Sample], cfg: TrainConfig, stage: int) -> list[lis
     return [[idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)] for idx in steps]
 
 
+def refuse_untrained(model: Llava, params: list, label: str) -> None:
+    """Model tensors that take gradients outside the optimiser: autograd would fill their .grad at
+    every step (a 7B base's worth of memory) and nothing would read it."""
+    untrained = {id(p) for p in model.parameters() if p.requires_grad} - {id(p) for p in params}
+    if untrained:
+        name = next(n for n, p in model.named_parameters() if id(p) in untrained)
+        raise ValueError(f"{label}: {len(untrained)} model tensor(s) receive gradients but are not trained, e.g. "
+                         f"{name!r}; freeze the base first (model.requires_grad_(False)), then build the method")
+
+
+def batches(samples: list[Sample], chunks: list[list[int]], collator: Collator, num_workers: int, pin: bool):
+    """The collated micro-batches of `chunks`, in order. Images are decoded in DataLoader workers
+    while the model trains; the chunks are fixed beforehand, so the worker count changes nothing
+    but speed."""
+    return iter(torch.utils.data.DataLoader(samples, batch_sampler=chunks, collate_fn=collator,
+                                            num_workers=min(num_workers, os.cpu_count() or 1), pin_memory=pin,
+                                            prefetch_factor=4 if num_workers else None))
+
+
 def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
@@ -211,22 +230,13 @@ def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collato
     total, per_step = len(steps), cfg.batch_size * cfg.grad_accum
     opt = optimizer(groups, projector, cfg)
     params = [p for group in opt.param_groups for p in group["params"]]
-    untrained = {id(p) for p in model.parameters() if p.requires_grad} - {id(p) for p in params}
-    if untrained:  # autograd would fill their .grad at every step, and no optimiser would read it
-        name = next(n for n, p in model.named_parameters() if id(p) in untrained)
-        raise ValueError(f"{label}: {len(untrained)} model tensor(s) receive gradients but are not trained, e.g. "
-                         f"{name!r}; freeze the base first (model.requires_grad_(False)), then build the method")
+    refuse_untrained(model, params, label)
     clipped = [p for group in opt.param_groups if group["clip"] for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, int(cfg.warmup_ratio * total))))
     model.train()
     progress, curve, every = Progress(label, total, quiet), [], max(1, total // 100)
-    # Images are decoded in DataLoader workers while the model trains; the batches are fixed above,
-    # so the worker count changes nothing but speed.
     cuda = str(device).startswith("cuda")
-    loader = iter(torch.utils.data.DataLoader(
-        samples, batch_sampler=[c for _, mine in steps for c in mine], collate_fn=collator,
-        num_workers=min(cfg.num_workers, os.cpu_count() or 1), pin_memory=cuda,
-        prefetch_factor=4 if cfg.num_workers else None))
+    loader = batches(samples, [c for _, mine in steps for c in mine], collator, cfg.num_workers, cuda)
     for step, (chunks, mine) in enumerate(steps):
         # The step's batches wait in (pinned) host memory: their answer tokens are counted there, and
         # each goes to the device only as its forward starts, so one micro-batch is on it at a time.
@@ -349,30 +359,35 @@ class Evaluation:
     items: dict  # task name -> [{"id", "question", "prediction", "gold", "robust", "official", "format"}]
 
 
-def score_task(task_scorer: str, rule: str | None, ids: list, questions: list, preds: list, golds: list,
-               sizes: list):
-    """Both protocols' task scores, the format rate and the per-item records of one task."""
-    per = score_items(task_scorer, rule, preds, golds, sizes)
-    items = [{"id": i, "question": q, "prediction": p, "gold": g, "size": s, "robust": r,
-              "official": None if per["official"] is None else per["official"][k], "format": f}
-             for k, (i, q, p, g, s, r, f) in enumerate(zip(ids, questions, preds, golds, sizes, per["robust"],
-                                                           per["format"]))]
+def score_task(task: Task, preds: list[str]):
+    """Both protocols' task scores, the format rate and the per-item records of `task`'s test items."""
+    return score_records(task.scorer, task.official, [{"id": s.id, "question": s.question, "prediction": p,
+                                                       "gold": s.target, "size": s.size}
+                                                      for s, p in zip(task.test, preds)])
+
+
+def score_records(scorer: str, rule: str | None, records: list[dict]):
+    """score_task on records (id, question, prediction, gold, size): a run's saved predictions."""
+    per = score_items(scorer, rule, [r["prediction"] for r in records], [r["gold"] for r in records],
+                      [r.get("size") for r in records])
+    items = [{**{k: r.get(k) for k in ("id", "question", "prediction", "gold", "size")}, "robust": per["robust"][n],
+              "official": None if per["official"] is None else per["official"][n], "format": per["format"][n]}
+             for n, r in enumerate(records)]
     return {"robust": percent(per["robust"]), "official": percent(per["official"])}, percent(per["format"]), items
 
 
-def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0, identity="oracle",
-             device="cpu", quiet=False, label: str = "eval", upto: int | None = None) -> Evaluation:
-    """The first `upto` tasks' test items (every task's by default) answered and scored under
-    both protocols, with selector hits on the seen tasks; the rest of the row is None."""
+def evaluate(exp: "Experiment", *, trained: int = 0, label: str = "eval", upto: int | None = None) -> Evaluation:
+    """The first `upto` tasks' test items (every task's by default) answered after `trained` tasks
+    and scored under both protocols, with selector hits on the seen tasks; the rest of the row is None."""
+    tasks = exp.tasks
     upto = len(tasks) if upto is None else upto
     ev = Evaluation({p: [None] * len(tasks) for p in PROTOCOLS}, [None] * len(tasks), [], {})
-    progress = Progress(label, upto, quiet, unit="task")
+    progress = Progress(label, upto, exp.quiet, unit="task")
     for j, task in enumerate(tasks[:upto]):
-        preds, h = predict(model, task.test, collator, cfg, method=method, trained=trained, identity=identity,
-                           true_task=j, device=device, label=None if quiet else f"{label} {task.name}")
-        scores, fmt, ev.items[task.name] = score_task(task.scorer, task.official, [s.id for s in task.test],
-                                                      [s.question for s in task.test], preds,
-                                                      [s.target for s in task.test], [s.size for s in task.test])
+        preds, h = predict(exp.model, task.test, exp.collator, exp.cfg, method=exp.method, trained=trained,
+                           identity=exp.identity, true_task=j, device=exp.device,
+                           label=None if exp.quiet else f"{label} {task.name}")
+        scores, fmt, ev.items[task.name] = score_task(task, preds)
         for p in PROTOCOLS:
             ev.rows[p][j] = scores[p]
         ev.format[j] = fmt
@@ -385,20 +400,40 @@ def evaluate(model, tasks: list[Task], collator, cfg, *, method=None, trained=0,
 # --------------------------------------------------------------------------- the continual run
 
 
-def run_continual(model: Llava, method: Method, tasks: list[Task], collator: Collator, cfg: TrainConfig, out: Path,
-                  *, identity: str = "oracle", primary: str = "robust", resume: bool = False, device="cpu",
-                  run_info: dict | None = None, argv: list | None = None, skip_base: bool = False,
-                  quiet: bool = False, plan: dict | None = None) -> dict:
-    """Train the task sequence with `method` (already injected) stage by stage, as
-    `method.stages` lays it out, evaluating after each stage (`metrics.tasks_answered_per_row`) under both protocols;
-    `primary` names the one `acc_matrix` holds (the other is `acc_matrix_<other>`). Writes
-    out/results.json, out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage.
-    One run writes to a folder at a time (out/run.lock)."""
+@dataclass
+class Experiment:
+    """One continual run, resolved once from recipe, preset and flags (run.py's `build`); the loop
+    reads everything from here. Its `config` in results.json (the method, the tasks, the recipe
+    and `run_info`: hyper-parameters, data paths and hashes) is what --resume checks."""
+    model: Llava
+    method: Method  # already injected into the model
+    tasks: list[Task]
+    collator: Collator
+    cfg: TrainConfig
+    identity: str = "oracle"  # how a task is chosen at test time: "oracle" or "selector"
+    primary: str = "robust"  # the protocol acc_matrix holds; the other is acc_matrix_<other>
+    device: object = "cpu"
+    run_info: dict = field(default_factory=dict)
+    plan: dict | None = None  # the memory plan this sitting follows (None: no plan was made)
+    argv: list | None = None  # the command that made the run: --evaluate rebuilds it from there
+    skip_base: bool = False  # row 0 left empty: every metric but FWT stands without it
+    quiet: bool = False
+
+
+def run_continual(exp: Experiment, out: Path, *, resume: bool = False) -> dict:
+    """Train the task sequence stage by stage, as `method.stages` lays it out, evaluating after
+    each stage (`metrics.tasks_answered_per_row`) under both protocols. Writes out/results.json,
+    out/predictions/stage_<k>/ and out/checkpoints/ atomically after every stage. One run writes
+    to a folder at a time (out/run.lock)."""
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out):  # taken by rank 0 alone, which alone writes
-        return _run_stages(model, method, tasks, collator, cfg, out, identity=identity, primary=primary,
-                           resume=resume, device=device, run_info=run_info, argv=argv, skip_base=skip_base,
-                           quiet=quiet, memory_plan=plan)
+        projector = trained_projector(exp.model, exp.method, exp.cfg)
+        results, done = open_results(exp, out, resume)
+        if done < 0:
+            base_row(exp, out, results)
+        for stage in range(max(done, 0) + 1, len(results["stages"]) + 1):
+            run_stage(exp, out, results, stage, projector)
+    return results
 
 
 # How a run executes, not what it computes: the memory plan (or a flag) sets them per device, so a
@@ -412,91 +447,88 @@ def experiment(cfg: TrainConfig) -> dict:
     return {**d, "global_batch": cfg.batch_size * cfg.grad_accum}
 
 
-def new_results(method, tasks, cfg, plan, *, identity, primary, run_info, argv) -> dict:
+def new_results(exp: Experiment) -> dict:
     """results.json of a run about to start: what it is (its `config`, which resume checks), and
-    empty matrices. argv is the command that made it: --evaluate rebuilds the run from there."""
-    names = [t.name for t in tasks]
-    fingerprint = {"method": type(method).__name__.lower(), "tasks": names, "config": experiment(cfg),
-                   **(run_info or {})}
-    other = next(p for p in PROTOCOLS if p != primary)  # Decision (SPEC §3): both protocols' matrices are kept
-    return {"method": fingerprint["method"], "tasks": names, "stages": plan, "protocol": primary,
+    empty matrices."""
+    names = [t.name for t in exp.tasks]
+    method = type(exp.method).__name__.lower()
+    other = next(p for p in PROTOCOLS if p != exp.primary)  # Decision (SPEC §3): both protocols' matrices are kept
+    return {"method": method, "tasks": names, "stages": exp.method.stages(len(exp.tasks)), "protocol": exp.primary,
             "acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": [], "summary": None,
-            f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": identity,
+            f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": exp.identity,
             "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
-                        for t in tasks},
-            "stage_seconds": [], "loss_curves": [], "config": fingerprint, "complete": False, "argv": argv}
+                        for t in exp.tasks},
+            "stage_seconds": [], "loss_curves": [],
+            "config": {"method": method, "tasks": names, "config": experiment(exp.cfg), **exp.run_info},
+            "complete": False, "argv": exp.argv}
 
 
-def _run_stages(model, method, tasks, collator, cfg, out, *, identity, primary, resume, device, run_info, argv,
-                skip_base, quiet, memory_plan):
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    names = [t.name for t in tasks]
-    plan = method.stages(len(tasks))  # the tasks each stage trains on
-    projector = trained_projector(model, method, cfg)
-    results = new_results(method, tasks, cfg, plan, identity=identity, primary=primary, run_info=run_info,
-                          argv=argv)
-    fingerprint = results["config"]
-    done = -1  # last finished stage; -1: not even the base evaluated
+def open_results(exp: Experiment, out: Path, resume: bool) -> tuple[dict, int]:
+    """The run's results and its last finished stage (-1: not even the base evaluated): new, or
+    read back by --resume with the method restored to that stage."""
+    (out / "checkpoints").mkdir(exist_ok=True)
+    results, done = new_results(exp), -1
     if resume and (out / "results.json").is_file():
-        results, done = _resume(out, ckpt_dir, fingerprint, method, model, cfg)
-        print(f"resuming after stage {done} of {len(plan)}", file=sys.stderr)
+        results, done = _resume(out, results["config"], exp)
+        print(f"resuming after stage {done} of {len(results['stages'])}", file=sys.stderr)
     elif resume:
         print(f"nothing to resume in {out}: starting afresh", file=sys.stderr)
     elif (out / "results.json").is_file():
         raise FileExistsError(f"{out / 'results.json'} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing already written is overwritten)")
-    results["plan"] = memory_plan  # this sitting's: a resumed run may run on another device
-    results["execution"] = {k: getattr(cfg, k) for k in EXECUTION}
+    results["plan"] = exp.plan  # this sitting's: a resumed run may run on another device
+    results["execution"] = {k: getattr(exp.cfg, k) for k in EXECUTION}
     dist.barrier()  # every process has read the folder before rank 0 writes to it
+    return results, done
 
-    if done < 0:  # row 0: the base model; every adapter is still the identity
-        if method.num_tasks == 0:
-            seeded_start_task(method, 0, cfg)
-        results["params"] = params_of(method)  # as the first task starts training
-        if skip_base:  # row 0 left empty: every metric but FWT stands without it
-            add_rows(results, *empty_row(len(tasks)), 1)
-        else:
-            ev = evaluate(model, tasks, collator, cfg, method=method, device=device, quiet=quiet, label="eval base")
-            write_predictions(out, 0, ev.items)
-            add_rows(results, ev.rows, ev.format, 1)
-        save_results(out, results)
-        done = 0
-    upto = tasks_answered_per_stage(plan, len(tasks))
-    for stage in range(done + 1, len(plan) + 1):
-        t0 = time.time()
-        k = stage - 1  # the method's task index of this stage
-        if method.num_tasks <= k:
-            seeded_start_task(method, k, cfg)
-        samples = method.train_samples(plan[k], tasks, cfg.seed)
-        what = names[plan[k][0]] if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
-        curve = train_stage(model, method.parameter_groups(), samples, collator, cfg, stage=stage,
-                            projector=projector, label=f"stage {stage}/{len(plan)} {what}", method=method, task=k,
-                            device=device, quiet=quiet)
-        for stat in method.statistics():  # data-driven state: the same sums on every process
-            dist.sum_(stat)
-        sample_seed = stream_seed(cfg.seed, "task samples", k)
-        method.end_task(k, sample_losses(model, method, samples, collator, sample_seed, device))
-        ev = evaluate(model, tasks, collator, cfg, method=method, trained=method.num_tasks, identity=identity,
-                      device=device, quiet=quiet, label=f"eval after stage {stage}",
-                      upto=upto[stage])
-        write_predictions(out, stage, ev.items)
-        add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
-        if ev.hits:
-            results["selector_accuracy"] = round(100 * sum(ev.hits) / len(ev.hits), 2)
-        results["stage_seconds"].append(round(time.time() - t0, 1))
-        results.setdefault("loss_curves", []).append(curve)
-        left = len(plan) - stage
-        if not quiet and left:
-            eta = sum(results["stage_seconds"]) / len(results["stage_seconds"]) * left
-            print(f"stage {stage}/{len(plan)} took {results['stage_seconds'][-1]:.0f}s; the run ends in about "
-                  f"{eta / 60:.1f} min", file=sys.stderr)
-        results["params"]["total_added"] = params_of(method)["total_added"]
-        results["complete"] = stage == len(plan)
-        summarise(results)
-        save_checkpoint(ckpt_dir, stage, method, projector)
-        save_results(out, results)
-    return results
+
+def base_row(exp: Experiment, out: Path, results: dict) -> None:
+    """Row 0: the base model, every adapter still the identity (the first task started)."""
+    if exp.method.num_tasks == 0:
+        seeded_start_task(exp.method, 0, exp.cfg)
+    results["params"] = params_of(exp.method)  # as the first task starts training
+    if exp.skip_base:
+        add_rows(results, *empty_row(len(exp.tasks)), 1)
+    else:
+        ev = evaluate(exp, label="eval base")
+        write_predictions(out, 0, ev.items)
+        add_rows(results, ev.rows, ev.format, 1)
+    save_results(out, results)
+
+
+def run_stage(exp: Experiment, out: Path, results: dict, stage: int, projector: list) -> None:
+    """Stage `stage` (from 1): start its task, train, end the task, evaluate, write everything."""
+    t0, method, cfg, plan = time.time(), exp.method, exp.cfg, results["stages"]
+    k = stage - 1  # the method's task index of this stage
+    if method.num_tasks <= k:
+        seeded_start_task(method, k, cfg)
+    samples = method.train_samples(plan[k], exp.tasks, cfg.seed)
+    what = exp.tasks[plan[k][0]].name if len(plan[k]) == 1 else f"all {len(plan[k])} tasks"
+    curve = train_stage(exp.model, method.parameter_groups(), samples, exp.collator, cfg, stage=stage,
+                        projector=projector, label=f"stage {stage}/{len(plan)} {what}", method=method, task=k,
+                        device=exp.device, quiet=exp.quiet)
+    for stat in method.statistics():  # data-driven state: the same sums on every process
+        dist.sum_(stat)
+    sample_seed = stream_seed(cfg.seed, "task samples", k)
+    method.end_task(k, sample_losses(exp.model, method, samples, exp.collator, sample_seed, exp.device))
+    ev = evaluate(exp, trained=method.num_tasks, label=f"eval after stage {stage}",
+                  upto=tasks_answered_per_stage(plan, len(exp.tasks))[stage])
+    write_predictions(out, stage, ev.items)
+    add_rows(results, ev.rows, ev.format, len(plan[k]))  # one row per task the stage trained
+    if ev.hits:
+        results["selector_accuracy"] = round(100 * sum(ev.hits) / len(ev.hits), 2)
+    results["stage_seconds"].append(round(time.time() - t0, 1))
+    results.setdefault("loss_curves", []).append(curve)
+    left = len(plan) - stage
+    if not exp.quiet and left:
+        eta = sum(results["stage_seconds"]) / len(results["stage_seconds"]) * left
+        print(f"stage {stage}/{len(plan)} took {results['stage_seconds'][-1]:.0f}s; the run ends in about "
+              f"{eta / 60:.1f} min", file=sys.stderr)
+    results["params"]["total_added"] = params_of(method)["total_added"]
+    results["complete"] = stage == len(plan)
+    summarise(results)
+    save_checkpoint(out / "checkpoints", stage, method, projector)
+    save_results(out, results)
 
 
 def add_rows(results: dict, rows: dict, fmt: list, copies: int) -> None:
@@ -539,9 +571,7 @@ def rescore(out: Path) -> dict:
                 records = [json.loads(line) for line in path.read_text().splitlines() if line]
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path}: cannot read the saved predictions ({e})") from None
-            scores, f, _ = score_task(scoring[task]["scorer"], scoring[task]["official"], [r["id"] for r in records],
-                                      [r["question"] for r in records], [r["prediction"] for r in records],
-                                      [r["gold"] for r in records], [r.get("size") for r in records])
+            scores, f, _ = score_records(scoring[task]["scorer"], scoring[task]["official"], records)
             for p in PROTOCOLS:
                 rows[p][j] = scores[p]
             fmt[j] = f
@@ -572,7 +602,7 @@ def params_of(method: Method) -> dict:
     return {"trainable": sum(p.numel() for p in method.trainable_parameters()), "total_added": added}
 
 
-def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model: Llava, cfg: TrainConfig):
+def _resume(out: Path, fingerprint: dict, exp: Experiment):
     path = out / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -587,7 +617,7 @@ def _resume(out: Path, ckpt_dir: Path, fingerprint: dict, method: Method, model:
                          "use another --out, or drop --resume to start afresh")
     done = stages_done(results)
     if done > 0:
-        load_checkpoint(ckpt_dir / f"after_stage_{done}.pt", method, model, cfg)
-    elif method.num_tasks == 0:
-        seeded_start_task(method, 0, cfg)
+        load_checkpoint(out / "checkpoints" / f"after_stage_{done}.pt", exp.method, exp.model, exp.cfg)
+    elif exp.method.num_tasks == 0:
+        seeded_start_task(exp.method, 0, exp.cfg)
     return results, done
