@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -134,8 +135,7 @@ def eval_batch_cost(c, method: str, hp: dict, cfg, batch: int, new_tokens: int, 
             model.eval()
             b = synthetic_batch(config, shape, prompt_only=True)
             merged = m.mergeable
-            with (mode or torch.no_grad()), (m.base_model() if merged else m.batch_context(b["attention_mask"])), \
-                    autocast("cpu", model):
+            with (mode or torch.no_grad()), (m.base_model() if merged else nullcontext()), autocast("cpu", model):
                 model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=new_tokens,
                                eos_token_id=None)
 

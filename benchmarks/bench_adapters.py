@@ -70,7 +70,7 @@ def main():
         opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-4, fused=True)  # as the training loop will
 
         def step():
-            with torch.autocast("cuda", torch.bfloat16, enabled=args.big), m.batch_context(b["attention_mask"], True):
+            with torch.autocast("cuda", torch.bfloat16, enabled=args.big):
                 loss, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
                 extra = m.extra_loss(b, task)
                 (loss / n + (0 if extra is None else extra)).backward()
@@ -93,12 +93,12 @@ def adapter_only(device, reps=30):
     own cost: what the method itself adds, free of the rest of the model."""
     from torch import nn
 
-    from minimcit.adapters import BranchLoRALinear, MoELoRALinear, RoutingContext
+    from minimcit.adapters import BranchLoRALinear, MoELoRALinear
 
     torch.manual_seed(0)
     base = nn.Linear(512, 1376, device=device).requires_grad_(False)
     moe = MoELoRALinear(base, 128, 256, 8)
-    branch = BranchLoRALinear(base, 128, 256, 8, 2, RoutingContext())
+    branch = BranchLoRALinear(base, 128, 256, 8, 2)
     branch.add_task()
     x = torch.randn(1, 512, 512, device=device, requires_grad=True)
     fns = {"base": lambda: base(x).sum().backward(), "moelora": lambda: moe(x).sum().backward(),

@@ -42,9 +42,8 @@ def main(reps: int = 15, batch: int = 16, text_len: int = 60):
          "attention_mask": torch.ones_like(ids), "instruction_mask": instruction, "labels": labels}
 
     def step():
-        with method.batch_context(b["attention_mask"], training=True):
-            loss, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-            (loss / n + method.extra_loss(b, 0)).backward()
+        loss, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+        (loss / n + method.extra_loss(b, 0)).backward()
         model.zero_grad(set_to_none=True)
 
     def vision_pass():

@@ -188,7 +188,7 @@ def eval_row(c, device, memory, method="branchlora"):
     b = to(synthetic_batch(c, dataclasses.replace(PROMPT, batch=plan.eval_batch_size), prompt_only=True), device)
 
     def gen():
-        with torch.no_grad(), m.batch_context(b["attention_mask"]), autocast(device, model):
+        with torch.no_grad(), autocast(device, model):
             model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=cfg.max_new_tokens,
                            eos_token_id=None)
     secs = timed(gen, device, 1)

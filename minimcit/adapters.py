@@ -12,14 +12,12 @@ cycle every method follows are in method.py.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .method import DORA, USE_SELECTOR, AdapterLinear, Method, Option, kaiming
+from .model import Tokens
 
 # --------------------------------------------------------------------------- LoRA: SeqLoRA, DirLoRA, joint
 
@@ -48,15 +46,15 @@ class LoRALinear(AdapterLinear):
         if self.dora:
             self.lora_magnitude.append(nn.Parameter(torch.linalg.norm(self.weight.detach().float(), dim=1)))  # ||W0||
 
-    def update(self, x):
+    def update(self, x, tokens=None):
         return self.scaling * F.linear(self.drop(x), self.lora_A[self.task]), self.lora_B[self.task]  # (..., r): s A x
 
     def weight_norm(self):  # ||W0 + s B A|| per output row, (out,)
         return torch.linalg.norm(self.weight.float() + self.scaling * self.lora_B[self.task] @ self.lora_A[self.task], dim=1)
 
-    def forward(self, x):
+    def forward(self, x, tokens=None):
         if not self.dora or self.plain:
-            return super().forward(x)
+            return super().forward(x, tokens)
         y = F.linear(x, self.weight, self.bias)
         scale = self.lora_magnitude[self.task] / self.weight_norm().detach()  # DoRA Eq. 5: m / ||W0 + s B A||
         xd = self.drop(x.to(torch.float32))
@@ -138,7 +136,7 @@ class MoELoRALinear(AdapterLinear):
         self.lora_B = self.zeros(self.out_features, num_experts * self.r_e)
         self.router = kaiming(self.zeros(num_experts, self.in_features))  # R (N, in), no bias
 
-    def update(self, x):
+    def update(self, x, tokens=None):
         g = F.linear(x, self.router).softmax(-1)  # (..., N) dense gates
         if self.dropout and self.training:  # CoIN draws each expert's dropout mask on its own
             a = expert_dropout(x, self.lora_A, self.num_experts, self.dropout)  # (..., N, r/N): A_n drop_n(x)
@@ -204,27 +202,15 @@ class MoELoRA(Method):
 # --------------------------------------------------------------------------- BranchLoRA
 
 
-@dataclass
-class RoutingContext:
-    """What BranchLoRA layers know about the batch beyond x, shared by all of them and set by
-    `BranchLoRA.batch_context` around each forward or generate call: which tokens are real
-    (for gate statistics and sequence routing) and whether to collect statistics.
-    This and the prompt's routing decision a layer keeps while generating under
-    route="sequence" are the one side channel in the adapters: per-sequence routing needs
-    the padding mask inside every layer, and generation steps see one token at a time."""
-    mask: torch.Tensor | None = None  # (B, T) bool, True at real tokens
-    collect: bool = False
-    route: str = "token"
-
-
 class BranchLoRALinear(AdapterLinear):
     """BranchLoRA: one shared A (r_b, in) and N branches B_n (out, r_b), r_b = r / N; a router
     per task (earlier ones frozen) picks the top-k branches per token."""
 
-    def __init__(self, base, r: int, alpha: float, num_branches: int, top_k: int, ctx: RoutingContext,
+    def __init__(self, base, r: int, alpha: float, num_branches: int, top_k: int, route: str = "token",
                  shared_router: bool = False):
         super().__init__(base, r, alpha)
-        self.num_branches, self.top_k, self.r_b, self.ctx = num_branches, top_k, r // num_branches, ctx
+        self.num_branches, self.top_k, self.r_b, self.per_sequence = num_branches, top_k, r // num_branches, \
+            route == "sequence"
         self.shared_router = shared_router  # ablation: one router for every task, trained on each
         self.lora_A = kaiming(self.zeros(self.r_b, self.in_features))  # the trunk, shared by all branches
         # One Parameter per branch so each can be frozen on its own.
@@ -233,7 +219,6 @@ class BranchLoRALinear(AdapterLinear):
         # Gate mass per branch over the current task's training tokens (the freezing rule).
         self.register_buffer("gate_mass", torch.zeros(num_branches, device=self.weight.device))
         self.register_buffer("gate_tokens", torch.zeros((), device=self.weight.device))
-        self.sequence_gates = None  # route="sequence": the prompt's decision, kept while generating
 
     def extra_repr(self) -> str:  # r is the adapter's whole rank; the trunk's is r / N
         return (f"in={self.in_features}, out={self.out_features}, trunk rank r_b={self.r_b} (r={self.r} over "
@@ -247,36 +232,31 @@ class BranchLoRALinear(AdapterLinear):
         self.gate_mass.zero_()
         self.gate_tokens.zero_()
 
-    def route(self, x):  # (B, T, in) -> top-k gates and branch indices, each (B, T or 1, k)
+    def route(self, x, tokens: Tokens):  # (B, T, in) -> top-k gates and branch indices, each (B, T or 1, k)
         # Decision (SPEC): route per token by default; route="sequence" routes once per sequence.
-        if self.ctx.route == "sequence":
-            # One routing decision per sequence, from the mean x of its real tokens. A one-token
-            # call after a longer one is a generation step: it keeps the prompt's decision.
-            if x.shape[1] == 1 and self.sequence_gates is not None and len(self.sequence_gates[0]) == len(x):
-                return self.sequence_gates
-            mask = self.real_tokens(x)
-            w = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+        if self.per_sequence:
+            if tokens.decoding:  # a generation step keeps the decision made on its prompt
+                return tokens.memory[id(self)]
+            # One routing decision per sequence, from the mean x of its real tokens.
+            w = torch.ones(x.shape[:2], device=x.device) if tokens.mask is None else tokens.mask.float()
             x = ((x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1))[:, None]  # (B, 1, in)
         router = self.routers[0 if self.shared_router else self.task]
         top, idx = F.linear(x, router).topk(self.top_k, dim=-1)  # R_t x, keep the k largest
         routed = top.softmax(-1), idx  # softmax over the top-k only; the other N - k gates are 0
-        if self.ctx.route == "sequence":
-            self.sequence_gates = routed
+        if self.per_sequence:
+            tokens.memory[id(self)] = routed
         return routed
 
-    def gates(self, x):  # (B, T, in) -> dense (B, T or 1, N), k non-zero per token
-        g, idx = self.route(x)
+    def gates(self, x, tokens: Tokens | None = None):  # (B, T, in) -> dense (B, T or 1, N), k non-zero per token
+        g, idx = self.route(x, Tokens() if tokens is None else tokens)
         return torch.zeros(*g.shape[:-1], self.num_branches, dtype=g.dtype, device=g.device).scatter(-1, idx, g)
 
-    def real_tokens(self, x):
-        mask = self.ctx.mask
-        return mask if mask is not None and mask.shape == x.shape[:2] else None
-
-    def update(self, x):
+    def update(self, x, tokens=None):
+        tokens = Tokens() if tokens is None else tokens
         a = F.linear(self.drop(x), self.lora_A)  # (B, T, r_b): A x, computed once for every branch
-        g = self.gates(x).expand(*x.shape[:-1], -1)  # (B, T, N), k non-zero per token
-        if self.ctx.collect and self.training:
-            mask = self.real_tokens(x)
+        g = self.gates(x, tokens).expand(*x.shape[:-1], -1)  # (B, T, N), k non-zero per token
+        if self.training and not tokens.recomputing:  # the freezing rule's statistics, once per training token
+            mask = tokens.mask
             w = g.detach().float() if mask is None else g.detach().float() * mask[..., None]
             self.gate_mass += w.flatten(0, -2).sum(0)
             self.gate_tokens += w.sum()  # = number of real tokens, since each token's gates sum to 1
@@ -323,11 +303,11 @@ class BranchLoRA(Method):
         self.num_branches, self.top_k = num_branches, top_k
         self.freeze_trunk_after_first_task = freeze_trunk_after_first_task
         self.tuning_freezing, self.shared_router = tuning_freezing, shared_router  # ablations, on/off as the paper
-        self.ctx = RoutingContext(route=route)
+        self.route = route
         super().__init__(model, use_selector=use_selector, **kw)
 
     def make_layer(self, base):
-        return BranchLoRALinear(base, self.r, self.lora_alpha, self.num_branches, self.top_k, self.ctx,
+        return BranchLoRALinear(base, self.r, self.lora_alpha, self.num_branches, self.top_k, self.route,
                                 self.shared_router)
 
     def add_task_parameters(self, t):
@@ -343,25 +323,6 @@ class BranchLoRA(Method):
 
     def statistics(self):
         return [s for layer in self.layers for s in (layer.gate_mass, layer.gate_tokens)]
-
-    @contextmanager
-    def batch_context(self, attention_mask=None, training: bool = False):
-        self.ctx.mask = None if attention_mask is None else attention_mask.bool()
-        self.ctx.collect = training
-        for layer in self.layers:
-            layer.sequence_gates = None
-        try:
-            yield
-        finally:
-            self.ctx.mask, self.ctx.collect = None, False
-
-    @contextmanager
-    def recompute_context(self):
-        collect, self.ctx.collect = self.ctx.collect, False  # the gates were counted in the forward
-        try:
-            yield
-        finally:
-            self.ctx.collect = collect
 
 
 # --------------------------------------------------------------------------- LiLoRA
@@ -398,7 +359,7 @@ class LiLoRALinear(AdapterLinear):
             return self.lora_A.new_tensor(self.fixed_alpha)
         return torch.sigmoid(self.phi[t])  # alpha_t = Sigmoid(phi_t), LiLoRA Eq. 5
 
-    def update(self, x):
+    def update(self, x, tokens=None):
         t, alpha = self.task, self.fusion(self.task)
         a = self.scaling * F.linear(self.drop(x), self.lora_A)  # (..., r): s A x
         # LiLoRA Eq. 6 applied to x: s (alpha B0 + (1 - alpha) B~_t A~_t) A x
@@ -443,7 +404,7 @@ class SharedALinear(AdapterLinear):
             p.requires_grad_(False)
         self.task_B.append(self.zeros(self.out_features, self.r))
 
-    def update(self, x):
+    def update(self, x, tokens=None):
         return self.scaling * F.linear(self.drop(x), self.lora_A), self.task_B[self.task]  # (..., r): s A x
 
     def delta_weight(self):

@@ -166,7 +166,7 @@ class OLoRALinear(LoRALinear):
     """y = W0 x + s sum_{i<=t} B_i A_i x: every task's LoRA stays on, earlier ones frozen, so
     inference needs no task identity. The pairs run as one (sum r, in) / (out, sum r) product."""
 
-    def update(self, x):
+    def update(self, x, tokens=None):
         A = torch.cat(list(self.lora_A))  # (t r, in)
         B = torch.cat(list(self.lora_B), dim=1)  # (out, t r)
         return self.scaling * F.linear(self.drop(x), A), B

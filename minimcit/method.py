@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +58,11 @@ class AdapterLinear(nn.Module):
         """A new float32 Parameter of zeros on the base layer's device."""
         return nn.Parameter(torch.zeros(*shape, device=self.weight.device, dtype=torch.float32))
 
-    def forward(self, x):
+    def forward(self, x, tokens=None):
         if self.plain:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (n, out), not a view
-        h, B = self.update(x)  # s * delta(x) = h B^T
+        h, B = self.update(x, tokens)  # s * delta(x) = h B^T
         # y += h B^T in one GEMM: no (..., out) temporary for the update, nor a pass for s (in h);
         # in place on y itself, not on a view of it, whose backward would copy the gradient twice.
         # x stays in its dtype: under autocast the adapter GEMMs run in bf16 whatever x's dtype,
@@ -70,9 +70,11 @@ class AdapterLinear(nn.Module):
         y.addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
-    def update(self, x):
+    def update(self, x, tokens=None):
         """The active task's update as one product, s * delta(x) = h B^T: h (..., k) and B (out, k),
-        with s already in h (a k-wide tensor, k the adapter's rank, not the layer's width)."""
+        with s already in h (a k-wide tensor, k the adapter's rank, not the layer's width).
+        `tokens` (model.Tokens, None outside the LLM): what the call's tokens are, for a layer that
+        routes per sequence or counts its gates over real tokens (BranchLoRA); others ignore it."""
         raise NotImplementedError
 
     def delta_weight(self):  # (out, in): s * DeltaW of the active task
@@ -220,17 +222,6 @@ class Method:
         """Method losses of the parameters alone (no batch in them), already weighted; added once
         per optimiser step, not once per micro-batch (None when there are none)."""
         return None
-
-    @contextmanager
-    def batch_context(self, attention_mask=None, training: bool = False):
-        """Wrap each forward (or generate) call, and a training forward's backward: methods that
-        route per sequence or collect statistics read the batch's padding mask from here."""
-        yield
-
-    def recompute_context(self):
-        """The context a checkpointed layer is recomputed in, during the backward (inside
-        batch_context): what a method does once per forward must not happen twice."""
-        return nullcontext()
 
     # -- inference
     def use_task(self, t: int) -> None:

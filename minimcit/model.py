@@ -8,7 +8,7 @@ Module names follow transformers' LlavaModel tree without its `model.` prefix
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -258,6 +258,34 @@ class Projector(nn.Module):
 # --------------------------------------------------------------------------- language model (LLaMA)
 
 
+@dataclass
+class Tokens:
+    """What the LLM tells each of its linears about a call beyond x, as an argument of the call:
+    a plain linear ignores it; an adapter that routes per sequence or counts its gates over the
+    real tokens (BranchLoRA) reads it. One per forward, and one per generation step sharing
+    `memory` with the prompt's."""
+    mask: torch.Tensor | None = None  # (B, T) True at the call's real tokens; None: every token is real
+    decoding: bool = False  # a generation step after the prompt: one new token per row
+    memory: dict = field(default_factory=dict)  # what a layer decided on the prompt, for the steps after it
+    recomputing: bool = False  # True while gradient checkpointing recomputes a layer in the backward
+
+    @contextmanager
+    def recompute(self):
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
+
+
+class Linear(nn.Linear):
+    """The LLM's linears: nn.Linear (same keys, same math), told about the call's tokens, which it
+    ignores. An adapter that wraps one (method.AdapterLinear) gets them as an argument."""
+
+    def forward(self, x, tokens: Tokens | None = None):
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -308,33 +336,33 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, self.n_head * self.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):  # x (B, T, C)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, tokens: Tokens):  # x (B, T, C)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, h_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x, tokens).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
+        k = self.k_proj(x, tokens).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, h_kv, T, hd)
+        v = self.v_proj(x, tokens).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, h_kv, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_head)  # (B, h, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), tokens)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+    def forward(self, x, tokens: Tokens):
+        return self.down_proj(F.silu(self.gate_proj(x, tokens)) * self.up_proj(x, tokens), tokens)  # SwiGLU
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -345,9 +373,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache, tokens: Tokens):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, tokens)
+        return x + self.mlp(self.post_attention_layernorm(x), tokens)
 
 
 class LlamaModel(nn.Module):
@@ -358,17 +386,19 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, positions, mask, cache: KVCache | None = None, recompute=None):  # x (B, T, C) embeddings
-        """`recompute`: None, or a context-manager factory that turns gradient checkpointing on: each
-        layer's activations are dropped after the forward and recomputed in the backward, inside
-        `recompute()` (a method that counts statistics in its forward must not count them twice)."""
+    def forward(self, x, positions, mask, cache: KVCache | None = None, tokens: Tokens | None = None,
+                checkpointing: bool = False):  # x (B, T, C) embeddings
+        """`checkpointing`: each layer's activations are dropped after the forward and recomputed in
+        the backward, with `tokens.recomputing` set (an adapter that counts statistics in its
+        forward must not count them twice)."""
+        tokens = Tokens() if tokens is None else tokens
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            if recompute is not None and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
-                                                      context_fn=lambda: (nullcontext(), recompute()))
+            if checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, tokens, use_reentrant=False,
+                                                      context_fn=lambda: (nullcontext(), tokens.recompute()))
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, tokens)
         if cache is not None:
             cache.pos += x.shape[1]
         return self.norm(x)
@@ -443,17 +473,17 @@ class Llava(nn.Module):
         x = self.embed(input_ids, pixel_values)
         positions = _positions(attention_mask, input_ids)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1], 0)
-        return self.lm_head(self.language_model(x, positions, mask))
+        return self.lm_head(self.language_model(x, positions, mask, tokens=_tokens(attention_mask)))
 
-    def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None, recompute=None):
+    def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                      checkpointing: bool = False):
         """Logits (n, V) at the n positions whose next token is labelled, and those tokens (n,).
         lm_head runs only there: in LLaVA data most positions are prompt and image tokens, so
-        this skips most of the vocabulary projection. `recompute`: gradient checkpointing
-        (LlamaModel.forward)."""
+        this skips most of the vocabulary projection. `checkpointing`: LlamaModel.forward's."""
         x = self.embed(input_ids, pixel_values)
         h = self.language_model(x, _positions(attention_mask, input_ids),
                                 attention_mask_4d(attention_mask, input_ids.shape[1], 0),
-                                recompute=recompute)  # (B, T, C)
+                                tokens=_tokens(attention_mask), checkpointing=checkpointing)  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
         keep = target != IGNORE_INDEX
         return self.lm_head(h[:, :-1][keep]), target[keep]  # (n, V), (n,)
@@ -482,8 +512,9 @@ class Llava(nn.Module):
         mask2d = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens).bool()], dim=1)
         positions = _positions(attention_mask, input_ids)  # (B, T)
 
+        prompt = Tokens(mask=attention_mask.bool())
         h = self.language_model(self.embed(input_ids, pixel_values), positions,
-                                attention_mask_4d(attention_mask, T, 0), cache)
+                                attention_mask_4d(attention_mask, T, 0), cache, prompt)
         next_tok = self.lm_head(h[:, -1]).argmax(-1)  # (B,)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -495,9 +526,15 @@ class Llava(nn.Module):
                 break
             positions = positions[:, -1:] + 1  # (B, 1)
             mask = mask2d[:, None, None, :cache.pos + 1]  # (B, 1, 1, S): the new token sees every real key
-            h = self.language_model(self.language_model.embed_tokens(next_tok[:, None]), positions, mask, cache)
+            step_tokens = Tokens(decoding=True, memory=prompt.memory)  # the prompt's routing decisions stand
+            h = self.language_model(self.language_model.embed_tokens(next_tok[:, None]), positions, mask, cache,
+                                    step_tokens)
             next_tok = self.lm_head(h[:, -1]).argmax(-1)
         return torch.stack(out, dim=1)
+
+
+def _tokens(attention_mask) -> Tokens:
+    return Tokens(mask=None if attention_mask is None else attention_mask.bool())
 
 
 def _positions(attention_mask, input_ids):

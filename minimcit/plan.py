@@ -219,8 +219,7 @@ def _generate(model, m, b, max_new: int):
     from .train import autocast
 
     merged = m.mergeable  # a merged layer costs what the plain base costs
-    with (m.base_model() if merged else nullcontext()), m.batch_context(b["attention_mask"]), \
-            autocast("cpu", model):
+    with (m.base_model() if merged else nullcontext()), autocast("cpu", model):
         model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=max_new,
                        eos_token_id=None)
 

@@ -127,19 +127,14 @@ def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: 
     """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens (a number,
     or a tensor on the device) over its `n_micro` micro-batches; gradients accumulate in .grad.
     Returns the micro-batch's share of the step's loss as (L_task, the method's own terms), detached,
-    on the device. The backward runs inside the method's batch context, where a checkpointed layer
-    is recomputed.
-    benchmarks/bench_7b.py and minimcit/plan.py measure this very function."""
-    ctx = method.batch_context(b["attention_mask"], training=True) if method else nullcontext()
-    recompute = (method.recompute_context if method else nullcontext) if checkpointing else None
-    with ctx:
-        with autocast(device, model):
-            logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"],
-                                                 b["labels"], recompute=recompute)
-            task_loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_tokens  # each answer token once
-            extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
-            extra = task_loss.new_zeros(()) if extra is None else extra / n_micro
-        (task_loss + extra).backward()
+    on the device. benchmarks/bench_7b.py and minimcit/plan.py measure this very function."""
+    with autocast(device, model):
+        logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
+                                             checkpointing=checkpointing)
+        task_loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_tokens  # each answer token once
+        extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
+        extra = task_loss.new_zeros(()) if extra is None else extra / n_micro
+    (task_loss + extra).backward()
     return torch.stack([task_loss, extra.float()]).detach()
 
 
@@ -164,7 +159,7 @@ def sample_losses(model: Llava, method: Method, samples: list[Sample], collator:
         model.eval()
         for i in torch.randperm(len(samples), generator=g)[:n].tolist():
             b = to_device(collator([samples[i]]), device)
-            with autocast(device, model), method.batch_context(b["attention_mask"]):
+            with autocast(device, model):
                 loss_sum, count = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
             yield loss_sum / max(1, count)
     return losses
@@ -317,8 +312,7 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
         picked = [min(true_task, trained - 1)] * len(samples)
 
     def answer(b):
-        ctx = method.batch_context(b["attention_mask"]) if method else nullcontext()
-        with ctx, autocast(device, model):
+        with autocast(device, model):
             new_ids = model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"],
                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
                                      pad_token_id=collator.tok.pad_id)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimcit import adapters
-from minimcit.adapters import BranchLoRALinear, LiLoRALinear, LoRALinear, MoELoRALinear, RoutingContext
+from minimcit.adapters import BranchLoRALinear, LiLoRALinear, LoRALinear, MoELoRALinear
 from minimcit.methods import METHODS, make_method, parameter_report
-from minimcit.model import Llava, LlavaConfig, TextConfig, VisionConfig
+from minimcit.model import Llava, LlavaConfig, TextConfig, Tokens, VisionConfig
 from minimcit.selector import TaskSelector
 
 
@@ -128,7 +128,7 @@ def test_moelora_equals_explicit_sum_over_experts():
 
 
 def branch_layer(N=4, k=2, r=8, route="token"):
-    layer = BranchLoRALinear(linear(), r=r, alpha=2 * r, num_branches=N, top_k=k, ctx=RoutingContext(route=route))
+    layer = BranchLoRALinear(linear(), r=r, alpha=2 * r, num_branches=N, top_k=k, route=route)
     layer.add_task()
     randomise([layer.lora_A, *layer.lora_B, layer.routers[0]])
     return layer
@@ -170,8 +170,7 @@ def test_branchlora_end_task_freezes_k_most_used_tunable_branches():
         layer.routers[0].zero_()
         layer.routers[0][1, 0], layer.routers[0][3, 0] = 1.0, 2.0
     x = torch.randn(4, 5, 16).abs()  # x[..., 0] > 0: logits 0, x0, 0, 2 x0
-    layer.ctx.collect = True
-    layer(x)
+    layer(x)  # a training forward counts its gates
     assert layer.gate_tokens.item() == pytest.approx(20)
     assert layer.freeze_most_used() == [3, 1]
     assert [b.requires_grad for b in layer.lora_B] == [True, False, True, False]
@@ -210,9 +209,8 @@ def test_branchlora_new_router_per_task_old_router_unchanged_by_training():
     opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
     b = batch()
     for _ in range(2):
-        with m.batch_context(b["attention_mask"], training=True):
-            loss, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-            (loss / n + m.extra_loss(b, 1)).backward()
+        loss, n = model.loss(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+        (loss / n + m.extra_loss(b, 1)).backward()
         opt.step()
         opt.zero_grad()
     assert torch.equal(layer.routers[0], old)
@@ -221,14 +219,34 @@ def test_branchlora_new_router_per_task_old_router_unchanged_by_training():
 
 def test_branchlora_sequence_routing_one_decision_per_sequence_kept_while_generating():
     layer = branch_layer(route="sequence")
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
-    layer.ctx.mask = mask
+    prompt = Tokens(mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool())
     x = torch.randn(2, 4, 16)
-    g = layer.gates(x)
+    g = layer.gates(x, prompt)
     want = F.linear((x[0, :3].mean(0)), layer.routers[0])  # row 0: mean over its real tokens only
     assert set(torch.nonzero(g[0, 0]).flatten().tolist()) == set(want.topk(2).indices.tolist())
     assert g.shape == (2, 1, 4)
-    torch.testing.assert_close(layer.gates(torch.randn(2, 1, 16)), g)  # a decode step keeps the decision
+    step = Tokens(decoding=True, memory=prompt.memory)  # a decode step keeps the prompt's decision
+    torch.testing.assert_close(layer.gates(torch.randn(2, 1, 16), step), g)
+    other = layer.gates(torch.randn(2, 1, 16), Tokens())  # a new call with no prompt behind it routes afresh
+    assert not torch.equal(other, g)
+
+
+def test_branchlora_counts_gates_over_real_tokens_of_training_forwards_only():
+    layer = branch_layer()
+    x = torch.randn(2, 4, 16)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()
+    layer.eval()
+    layer(x, Tokens(mask=mask))
+    assert layer.gate_tokens.item() == 0  # evaluation counts nothing
+    layer.train()
+    layer(x, Tokens(mask=mask))
+    want = (layer.gates(x) * mask[..., None]).flatten(0, 1).sum(0)  # (N,) over the 5 real tokens
+    torch.testing.assert_close(layer.gate_mass, want)
+    assert layer.gate_tokens.item() == pytest.approx(5)
+    tokens = Tokens(mask=mask)
+    with tokens.recompute():  # gradient checkpointing's second forward counts nothing
+        layer(x, tokens)
+    assert layer.gate_tokens.item() == pytest.approx(5)
 
 
 def test_l_align_by_hand():
