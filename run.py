@@ -96,9 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    free = ", ".join(name for name, m in METHODS.items() if m.paper_identity == "selector")
     p.add_argument("--task-identity", choices=["oracle", "selector"],
                    help="how task-specific methods pick their parameters at test time (default: oracle; "
-                        "branchlora on coin/cvit: selector, its paper's identity-free protocol)")
+                        f"{free} on coin/cvit: selector, its paper's identity-free protocol)")
     p.add_argument("--check-data", action="store_true", help="coin/cvit: check every file and image, then stop")
     p.add_argument("--rescore", type=Path, metavar="OUT", help="rebuild a run's matrices from its saved predictions")
     p.add_argument("--evaluate", type=Path, metavar="OUT",
