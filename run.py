@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import sys
+import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from minimcit import distributed as dist
-from minimcit.methods import METHODS, make_method
+from minimcit.method import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, UNIT
+from minimcit.methods import METHODS, check_hparams, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
@@ -33,8 +34,9 @@ from minimcit.plan import GiB, data_shapes, device_memory, make_plan
 from minimcit.pretrain import pretrain_base
 from minimcit.processing import SYSTEM, TextTokenizer
 from minimcit.report import write_report
-from minimcit.runfolder import load_checkpoint, run_lock, seeded_start_task, stages_done, write_evaluation
-from minimcit.train import Experiment, TrainConfig, evaluate, keep_freed_memory, rescore, run_continual
+from minimcit.runfolder import (first_difference, load_checkpoint, read_results, run_lock, seeded_start_task,
+                                stages_done, write_evaluation)
+from minimcit.train import Experiment, TrainConfig, evaluate, keep_freed_memory, new_results, rescore, run_continual
 
 # Each paper's recipe for real data (MiniCoIN's sit in its preset table); a flag overrides each.
 # CoIN (scripts/LLaVA/Train/*.sh), for its LoRA and MoELoRA and so for BranchLoRA, which builds on it:
@@ -53,6 +55,42 @@ ADAPTER_DROPOUT = 0.05  # on the adapter input, as all three reference codebases
 
 
 RECIPES = {"coin": COIN_RECIPE, "lilora": LILORA_RECIPE}  # a method names its own (Method.paper_recipe)
+
+
+# The training flags, one per TrainConfig field (default: the benchmark's recipe), with the values
+# a number may take: stated in --help and checked before anything loads.
+TRAINING_FLAGS = {
+    "epochs": (POSITIVE, "passes over a task's training data (a fraction allowed)"),
+    "batch_size": (COUNT, "samples per micro-batch on one device"),
+    "grad_accum": (COUNT, "micro-batches per optimiser step: the global batch is batch-size x grad-accum"),
+    "lr": (POSITIVE, "AdamW's learning rate"),
+    "warmup_ratio": (UNIT, "share of a stage's steps spent warming up (then cosine decay)"),
+    "weight_decay": (NON_NEGATIVE, "AdamW's weight decay"),
+    "max_grad_norm": (POSITIVE, "gradient-norm clip"),
+    "eval_batch_size": (COUNT, "prompts per generation batch"),
+    "max_new_tokens": (COUNT, "tokens generated per answer"),
+    "gradient_checkpointing": (None, "recompute each decoder layer in the backward: memory for time"),
+    "train_projector": (None, "train the projector's own weights too (CoIN's recipe)"),
+    "group_by_modality_length": (None, "LLaVA's batching: one modality per step, sorted by length"),
+    "num_workers": (NON_NEGATIVE, "DataLoader processes decoding images (the batches do not depend on it)"),
+    "projector_lr": (POSITIVE, "the trained projector's learning rate (default: lr)"),
+}
+# The other numeric flags' values (a method's own declare theirs on their Option).
+RANGES = {"seed": NON_NEGATIVE, "stage": NON_NEGATIVE, "device_memory": POSITIVE, "max_per_task": COUNT,
+          "max_test_per_task": COUNT, "r": COUNT, "lora_alpha": POSITIVE, "dropout": FRACTION,
+          **{name: rng for name, (rng, _) in TRAINING_FLAGS.items() if rng is not None}}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def in_range(text: str, rng) -> str:
+    return f"{text} (in {rng})" if rng is not None else text
+
+
+def preset_of(args) -> str:
+    return args.preset or "default"
 
 
 def paper_recipe(method: str) -> dict:
@@ -77,24 +115,30 @@ def add_method_flags(group) -> None:
         for o in cls.options:
             users.setdefault(o.name, (o, []))[1].append(name)
     for o, names in users.values():
-        flag, text = "--" + o.name.replace("_", "-"), f"{', '.join(names)}: {o.help}"
+        text = in_range(f"{', '.join(names)}: {o.help}", o.range)
         if o.type is None:
             action = argparse.BooleanOptionalAction if o.negatable else "store_true"
-            group.add_argument(flag, action=action, default=None, help=text)
+            group.add_argument(flag(o.name), action=action, default=None, help=text)
         else:
-            group.add_argument(flag, type=o.type, choices=o.choices or None, help=text)
+            group.add_argument(flag(o.name), type=o.type, choices=o.choices or None, help=text)
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(METHODS))
     p.add_argument("--tasks", choices=["minicoin", "minicvit", "coin", "cvit", "custom"],
                    help="custom: your own tasks in CoIN's file format under --task-dir")
     p.add_argument("--task-order", help="a comma-separated subset or permutation of the benchmark's tasks")
-    p.add_argument("--preset", default="default", choices=list(PRESETS), help="MiniCoIN size")
-    p.add_argument("--out", type=Path, help="output folder (default runs/<method>-<tasks>-<preset>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="minicoin/minicvit: the benchmark's size (default: default); real data takes the paper's recipe")
+    p.add_argument("--out", type=Path, help="output folder (default runs/<method>-<tasks>-<preset or paper>)")
+    p.add_argument("--seed", type=int, default=0, help=in_range("every random stream of the run (0)", RANGES["seed"]))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where there is one; under torchrun each process its own)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     free = ", ".join(name for name, m in METHODS.items() if m.paper_identity == "selector")
     p.add_argument("--task-identity", choices=["oracle", "selector"],
@@ -104,23 +148,25 @@ def parse_args(argv=None):
     p.add_argument("--rescore", type=Path, metavar="OUT", help="rebuild a run's matrices from its saved predictions")
     p.add_argument("--evaluate", type=Path, metavar="OUT",
                    help="evaluate a run's saved adapters again into OUT/evaluations/ (the run's own command is reused)")
-    p.add_argument("--stage", type=int, help="with --evaluate: which stage's adapters (default: the last finished)")
+    p.add_argument("--stage", type=int, help=in_range("with --evaluate: which stage's adapters (default: the last "
+                                                       "finished; 0: the base model)", RANGES["stage"]))
     p.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the base model (row 0 stays empty)")
     p.add_argument("--device-memory", type=float, metavar="GB",
-                   help="real data: plan micro-batch, checkpointing and eval batch for this much device memory "
-                        "(GiB; default on a GPU: its free memory; on a CPU: no plan, the recipe as it is)")
+                   help=in_range("real data: plan micro-batch, checkpointing and eval batch for this much device "
+                                 "memory (GiB; default on a GPU: its free memory; on a CPU: no plan, the recipe as it "
+                                 "is)", RANGES["device_memory"]))
     p.add_argument("--dtype", choices=["fp32", "bf16"],
                    help="the frozen base's dtype (default: bf16 on CUDA, fp32 on CPU); adapters stay fp32")
-    p.add_argument("--quiet", action="store_true")
-    g = p.add_argument_group("real data (coin, cvit)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (errors and the results still print)")
+    g = p.add_argument_group("real data (coin, cvit, custom)")
     g.add_argument("--data-root", type=Path)
     g.add_argument("--image-root", type=Path)
     g.add_argument("--model", type=Path, help="llava-hf folder, or the LLM folder of the original layout")
     g.add_argument("--vision-tower", type=Path, help="CLIP folder (original layout)")
     g.add_argument("--projector", type=Path, help="mm_projector.bin / .safetensors (original layout)")
     g.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in --model)")
-    g.add_argument("--max-per-task", type=int, help="cap on train and test samples per task")
-    g.add_argument("--max-test-per-task", type=int, help="cap on test samples per task alone")
+    g.add_argument("--max-per-task", type=int, help=in_range("cap on train and test samples per task", COUNT))
+    g.add_argument("--max-test-per-task", type=int, help=in_range("cap on test samples per task alone", COUNT))
     g.add_argument("--task-dir", type=Path, help="--tasks custom: <Task>/train.json, test.json (and tasks.json)")
     g.add_argument("--instructions", default="original", choices=["original", "type2"],
                    help="CoIN's instruction set (Instructions_Original or Instructions_Type2)")
@@ -128,25 +174,28 @@ def parse_args(argv=None):
                    help="TextVQA_0.5.1_val.json (default: <image-root>/TextVQA/TextVQA_0.5.1_val.json)")
     g.add_argument("--cache", type=Path, help="where the MiniCoIN base model is cached")
     h = p.add_argument_group("method (defaults: the papers'; MiniCoIN scales r to its tiny model)")
-    h.add_argument("--r", type=int)
-    h.add_argument("--lora-alpha", type=float)
-    h.add_argument("--dropout", type=float, help=f"adapter input dropout (coin/cvit {ADAPTER_DROPOUT}, MiniCoIN 0)")
+    # --lora-r too: under torchrun, --r is read by torchrun itself (a prefix of its --rdzv-* and --role).
+    h.add_argument("--r", "--lora-r", dest="r", type=int, help=in_range("the adapters' rank r (128)", COUNT))
+    h.add_argument("--lora-alpha", type=float, help=in_range("the LoRA scale's numerator: s = alpha / r (256)",
+                                                             POSITIVE))
+    h.add_argument("--dropout", type=float, help=in_range(f"adapter input dropout (coin/cvit {ADAPTER_DROPOUT}, "
+                                                          "MiniCoIN 0)", FRACTION))
     add_method_flags(h)
     t = p.add_argument_group("training (defaults: the benchmark's recipe)")
     for f in fields(TrainConfig):
         if f.name == "seed":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        rng, text = TRAINING_FLAGS[f.name]
         # Every flag defaults to None, meaning "the recipe's value"; any value given, 0 included, is used.
         if f.type in ("bool", bool):
-            t.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            t.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            t.add_argument(flag, type={"int": int}.get(str(f.type), float))
-    return p.parse_args(argv)
+            t.add_argument(flag(f.name), type=int if str(f.type) == "int" else float, help=in_range(text, rng))
+    return p
 
 
 def method_hparams(args) -> dict:
-    hp = dict(preset(args.preset).adapter) if args.tasks.startswith("mini") else {"dropout": ADAPTER_DROPOUT}
+    hp = dict(preset(preset_of(args)).adapter) if args.tasks.startswith("mini") else {"dropout": ADAPTER_DROPOUT}
     for name in ("r", "lora_alpha", "dropout", *sorted(all_method_options())):
         if getattr(args, name) is not None:
             hp[name] = getattr(args, name)
@@ -166,7 +215,7 @@ def training_flags(args) -> dict:
 
 def train_config(args) -> TrainConfig:
     """The benchmark's recipe, with every flag the user gave (0 included) in its place."""
-    recipe = preset(args.preset).recipe if args.tasks.startswith("mini") else paper_recipe(args.method)
+    recipe = preset(preset_of(args)).recipe if args.tasks.startswith("mini") else paper_recipe(args.method)
     return TrainConfig(seed=args.seed, **{**recipe, **training_flags(args)})
 
 
@@ -178,20 +227,22 @@ def task_identity(args) -> str:
 
 def validate(args) -> None:
     """Refuse out-of-range flags before anything loads."""
-    positive = {"max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task,
-                "epochs": args.epochs, "lr": args.lr,
-                "batch_size": args.batch_size, "grad_accum": args.grad_accum, "eval_batch_size": args.eval_batch_size,
-                "max_new_tokens": args.max_new_tokens, "device_memory": args.device_memory, "r": args.r,
-                **{name: getattr(args, name) for name, o in all_method_options().items() if o.positive}}
-    for name, value in positive.items():
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
-    for flag in ("max_per_task", "max_test_per_task"):
-        if args.tasks and args.tasks.startswith("mini") and getattr(args, flag) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} applies to real data; --tasks {args.tasks} sizes itself "
-                             "by --preset")
+    ranges = {**RANGES, **{name: o.range for name, o in all_method_options().items() if o.range is not None}}
+    for name, rng in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value in rng):
+            raise ValueError(f"{flag(name)} must be in {rng}, got {value:g}")
+    if args.task_order is not None and not [t for t in args.task_order.split(",") if t.strip()]:
+        raise ValueError("--task-order is empty: name the tasks to run, comma-separated (or drop the flag for all)")
+    if args.preset is not None and not args.tasks.startswith("mini"):
+        raise ValueError(f"--preset sizes MiniCoIN and MiniCVIT; --tasks {args.tasks} runs the paper's recipe "
+                         "(set its flags one by one instead)")
+    for name in ("max_per_task", "max_test_per_task"):
+        if args.tasks.startswith("mini") and getattr(args, name) is not None:
+            raise ValueError(f"{flag(name)} applies to real data; --tasks {args.tasks} sizes itself by --preset")
     if (args.tasks == "custom") != (args.task_dir is not None):
         raise ValueError("--tasks custom and --task-dir go together")
+    check_hparams(args.method, **method_hparams(args))  # r divisible by N, top-k within N, ...: before loading
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -207,17 +258,39 @@ def missing_flags(args, names) -> list[str]:
 
 def out_folder(args) -> Path:
     mini = args.tasks.startswith("mini")
-    return args.out or Path("runs") / f"{args.method}-{args.tasks}-{args.preset if mini else 'paper'}"
+    return args.out or Path("runs") / f"{args.method}-{args.tasks}-{preset_of(args) if mini else 'paper'}"
+
+
+# What --evaluate and --rescore take beside their folder: they rebuild the run from its own
+# command, so any other flag would be silently ignored. --evaluate may run elsewhere (device,
+# dtype, batch and workers: how it executes, not what it computes).
+EVALUATE_FLAGS = {"evaluate", "stage", "device", "dtype", "eval_batch_size", "num_workers", "quiet"}
+RESCORE_FLAGS = {"rescore", "quiet"}
+
+
+def given_flags(args) -> set[str]:
+    """The flags (dest names) set to something other than their default."""
+    defaults = vars(parse_args([]))
+    return {k for k, v in vars(args).items() if v != defaults.get(k)}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
+        for mode, allowed in (("rescore", RESCORE_FLAGS), ("evaluate", EVALUATE_FLAGS)):
+            if getattr(args, mode):
+                extra = sorted(given_flags(args) - allowed)
+                if extra:
+                    raise ValueError(f"--{mode} rebuilds the run from its own command and takes "
+                                     f"{', '.join(flag(a) for a in sorted(allowed - {mode}))} only; drop "
+                                     f"{', '.join(flag(a) for a in extra)}")
         if args.rescore:
             return rescore_run(args.rescore)
         if args.evaluate:
-            return evaluate_run(args.evaluate, args.stage)
+            return evaluate_run(args.evaluate, args, argv)
+        if args.stage is not None:
+            raise ValueError("--stage picks the adapters --evaluate OUT evaluates; a run trains every stage")
         missing = missing_flags(args, ("method", "tasks"))
         if args.check_data:
             return check_data(args)
@@ -226,16 +299,23 @@ def main(argv=None) -> int:
         validate(args)
         return run(args, argv)
     except KeyboardInterrupt:
-        if args.method and args.tasks and not (args.evaluate or args.rescore):
-            print(f"\ninterrupted: {out_folder(args) / 'results.json'} holds every stage finished so far; continue "
-                  "with the same command and --resume", file=sys.stderr)
-        else:
-            print("\ninterrupted: nothing of the run was changed", file=sys.stderr)
+        if dist.is_main():  # under torchrun every process is interrupted; one says so
+            print(f"\ninterrupted: {interrupted(args)}", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError, FloatingPointError) as e:  # OSError: also a full disk mid-run
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 1
+
+
+def interrupted(args) -> str:
+    """What an interrupt left behind."""
+    if args.evaluate or args.rescore or args.check_data or not (args.method and args.tasks):
+        return "nothing of the run was changed"
+    results = out_folder(args) / "results.json"
+    if results.is_file():
+        return f"{results} holds every stage finished so far; continue with the same command and --resume"
+    return f"no stage had finished, so {results} was not written yet; run the same command again"
 
 
 def probe_writable(out: Path) -> None:
@@ -249,8 +329,6 @@ def probe_writable(out: Path) -> None:
 
 
 def rescore_run(out: Path) -> int:
-    if not (out / "results.json").is_file():
-        raise FileNotFoundError(f"{out / 'results.json'} not found: --rescore needs a run folder")
     results = rescore(out)
     print(write_report(results, out))
     print(f"rescored {out / 'results.json'} from {out / 'predictions'}")
@@ -299,29 +377,37 @@ def run(args, argv: list) -> int:
     return 0
 
 
-def evaluate_run(out: Path, stage: int | None) -> int:
+def evaluate_run(out: Path, cli, argv: list) -> int:
     """Evaluate a finished or interrupted run's saved adapters again, rebuilt from the run's own
-    command (data paths included); a new folder under out/evaluations/, the run untouched."""
-    try:
-        results = json.loads((out / "results.json").read_text())
-        saved = results["argv"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{out / 'results.json'}: not a run folder written by this version (no 'argv'); "
-                         "--evaluate needs one") from None
+    command (data paths included); a new folder under out/evaluations/, the run untouched. Refused
+    when the data or the model the run recorded have changed since."""
+    results = read_results(out, "--evaluate")
+    saved = results.get("argv")
+    if not isinstance(saved, list):
+        raise ValueError(f"{out / 'results.json'} has no 'argv' (written by an older minimcit): --evaluate rebuilds "
+                         "the run from it")
     args = parse_args(saved)
+    for name in EVALUATE_FLAGS & given_flags(cli) - {"evaluate", "stage"}:  # how it runs here
+        setattr(args, name, getattr(cli, name))
     args.out, args.resume = out, False
     done = stages_done(results)
-    stage = done if stage is None else stage
+    stage = done if cli.stage is None else cli.stage
     if not 0 <= stage <= done:
         raise ValueError(f"--stage {stage}: {out} has stages 0..{done} finished")
     exp = build(args, saved)
+    recorded = {k: v for k, v in results["config"].items() if k != "dtype"}
+    diff = first_difference(recorded, {k: v for k, v in new_results(exp)["config"].items() if k != "dtype"})
+    if diff is not None:
+        setting, old, new = diff
+        raise ValueError(f"--evaluate: {setting} was {old!r} when {out} ran, now {new!r}; the saved adapters "
+                         "would be scored against other data or another model")
     with run_lock(out):
         if stage > 0:
             load_checkpoint(out / "checkpoints" / f"after_stage_{stage}.pt", exp.method, exp.model, exp.cfg)
         else:  # the base model, as the run evaluated it: the first task's adapters started, still the identity
             seeded_start_task(exp.method, 0, exp.cfg)
         ev = evaluate(exp, trained=exp.method.num_tasks if stage else 0)
-        folder = write_evaluation(out, stage, ev, exp.primary, ["--evaluate", str(out)])
+        folder = write_evaluation(out, stage, ev, exp.primary, argv)  # this command, flags and all
     print(f"stage {stage} ({exp.primary}): " + "  ".join(f"{t.name} {'n/a' if v is None else v}"
                                                         for t, v in zip(exp.tasks, ev.rows[exp.primary])))
     print(f"wrote {folder}")
@@ -366,10 +452,10 @@ def minicoin_parts(args, device, dtype):
     if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
         raise ValueError(f"--tasks {args.tasks} is built in: it takes no --data-root, --image-root or --model")
     if dist.is_main():  # stage 1 once; the other processes read the cached base
-        pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=args.quiet)
+        pretrain_base(preset_of(args), args.seed, args.cache, device=device, quiet=args.quiet)
     dist.barrier()
-    model_path = pretrain_base(args.preset, args.seed, args.cache, device=device, quiet=True)
-    tasks = order_tasks(minicoin(args.tasks, args.preset, args.seed), args.task_order)
+    model_path = pretrain_base(preset_of(args), args.seed, args.cache, device=device, quiet=True)
+    tasks = order_tasks(minicoin(args.tasks, preset_of(args), args.seed), args.task_order)
     model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
     # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
     # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .method import DORA, USE_SELECTOR, AdapterLinear, Method, Option, kaiming
+from .method import COUNT, DORA, NON_NEGATIVE, UNIT, USE_SELECTOR, AdapterLinear, Method, Option, kaiming
 from .model import Tokens
 
 # --------------------------------------------------------------------------- LoRA: SeqLoRA, DirLoRA, joint
@@ -121,7 +121,8 @@ class DirLoRA(LoRAMethod):
 
 def _check_split(r: int, n: int, what: str) -> None:
     if n < 1 or r % n:
-        raise ValueError(f"r={r} must split evenly into {what}={n} (each gets rank r/{what}), as CoIN asserts")
+        raise ValueError(f"--r {r} must split evenly into --{what.replace('_', '-')} {n} (each gets rank r/N), as CoIN "
+                         "asserts")
 
 
 class MoELoRALinear(AdapterLinear):
@@ -188,7 +189,7 @@ def expert_dropout(x, A, n: int, p: float):
 class MoELoRA(Method):
     """CoIN's MoELoRA: shared router, all experts trained on every task."""
 
-    options = (Option("num_experts", "N experts (8)", int, positive=True),)
+    options = (Option("num_experts", "N experts (8)", int, range=COUNT),)
 
     def __init__(self, model, *, num_experts: int = 8, **kw):
         _check_split(kw.get("r", 128), num_experts, "num_experts")
@@ -283,8 +284,8 @@ class BranchLoRA(Method):
     task_specific = True
     paper_identity = "selector"  # its paper's identity-free protocol
     options = (
-        Option("num_branches", "N branches (8)", int, positive=True),
-        Option("top_k", "branches per token (2)", int, positive=True),
+        Option("num_branches", "N branches (8)", int, range=COUNT),
+        Option("top_k", "branches per token, at most N (2)", int, range=COUNT),
         Option("route", "routing (token)", str, choices=("token", "sequence")),
         Option("freeze_trunk_after_first_task", "the shared A trained on the first task only"),
         Option("tuning_freezing", "freeze the k most used branches after each task (on; off: an ablation)",
@@ -296,10 +297,10 @@ class BranchLoRA(Method):
                  freeze_trunk_after_first_task: bool = False, use_selector: bool = True,
                  tuning_freezing: bool = True, shared_router: bool = False, **kw):
         if route not in ("token", "sequence"):
-            raise ValueError(f"route must be 'token' or 'sequence', got {route!r}")
+            raise ValueError(f"--route must be 'token' or 'sequence', got {route!r}")
         _check_split(kw.get("r", 128), num_branches, "num_branches")
         if not 1 <= top_k <= num_branches:
-            raise ValueError(f"top_k must be between 1 and num_branches={num_branches}, got {top_k}")
+            raise ValueError(f"--top-k must be between 1 and --num-branches ({num_branches}), got {top_k}")
         self.num_branches, self.top_k = num_branches, top_k
         self.freeze_trunk_after_first_task = freeze_trunk_after_first_task
         self.tuning_freezing, self.shared_router = tuning_freezing, shared_router  # ablations, on/off as the paper
@@ -420,12 +421,12 @@ class LiLoRA(Method):
     task_specific = True
     paper_recipe = "lilora"
     options = (
-        Option("r_task", "r~ (r/2)", int, positive=True),
-        Option("reg_weight", "lambda of L_reg (1.0)", float),
+        Option("r_task", "r~ (r/2)", int, range=COUNT),
+        Option("reg_weight", "lambda of L_reg (1.0)", float, range=NON_NEGATIVE),
         Option("freeze_basis_after_first_task", "B0 trained on the first task only, as its released code"),
         USE_SELECTOR,
         Option("share_a_only", "ablation, Table 2's 'Share A' row: a full B_t per task, no basis or fusion"),
-        Option("fixed_alpha", "ablation, Table 2: alpha fixed at 0, 0.5 or 1", float),
+        Option("fixed_alpha", "ablation, Table 2: alpha fixed at 0, 0.5 or 1", float, range=UNIT),
     )
 
     def __init__(self, model, *, r_task: int | None = None, reg_weight: float = 1.0,
@@ -433,12 +434,12 @@ class LiLoRA(Method):
                  fixed_alpha: float | None = None, **kw):
         self.r_task = r_task or kw.get("r", 128) // 2  # r~ = r / 2 by default
         if self.r_task < 1:
-            raise ValueError(f"r_task must be at least 1, got {self.r_task}")
+            raise ValueError(f"--r-task must be at least 1, got {self.r_task}")
         if fixed_alpha is not None and not 0 <= fixed_alpha <= 1:
-            raise ValueError(f"fixed_alpha must be in [0, 1], got {fixed_alpha}")
+            raise ValueError(f"--fixed-alpha must be in [0, 1], got {fixed_alpha}")
         if share_a_only and (fixed_alpha is not None or freeze_basis_after_first_task):
-            raise ValueError("share_a_only has no basis B0 and no fusion: it takes neither fixed_alpha "
-                             "nor freeze_basis_after_first_task")
+            raise ValueError("--share-a-only has no basis B0 and no fusion: it takes neither --fixed-alpha "
+                             "nor --freeze-basis-after-first-task")
         self.share_a_only, self.fixed_alpha = share_a_only, fixed_alpha
         # lambda of L = L_task + lambda L_reg: the paper gives no value; 1.0 is our default (Decision).
         self.reg_weight = reg_weight

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LoRALinear, LoRAMethod, SeqLoRA
-from .method import Method, Option, stream_seed
+from .method import COUNT, NON_NEGATIVE, POSITIVE, Method, Option, Range, stream_seed
 
 # --------------------------------------------------------------------------- Replay
 
@@ -22,11 +22,11 @@ class Replay(SeqLoRA):
     """SeqLoRA trained on each task's data mixed with a memory of every earlier task's."""
 
     options = (*SeqLoRA.options,
-               Option("replay_share", "share of each earlier task's training data kept (0.01)", float))
+               Option("replay_share", "share of each earlier task's training data kept (0.01)", float, range=Range(0, 1, open_low=True)))
 
     def __init__(self, model, *, replay_share: float = 0.01, **kw):
         if not 0 < replay_share <= 1:
-            raise ValueError(f"replay_share must be in (0, 1], got {replay_share}")
+            raise ValueError(f"--replay-share must be in (0, 1], got {replay_share}")
         self.replay_share = replay_share
         super().__init__(model, **kw)
 
@@ -52,12 +52,12 @@ class EWC(SeqLoRA):
     (the empirical diagonal Fisher), and theta* <- theta. F and theta* are buffers of the layers,
     so checkpoints carry them. Decision: lambda = 400 (TRACE's EWC default), 64 samples."""
 
-    options = (*SeqLoRA.options, Option("ewc_lambda", "lambda of the penalty (400)", float),
-               Option("fisher_samples", "samples per task for the Fisher (64)", int, positive=True))
+    options = (*SeqLoRA.options, Option("ewc_lambda", "lambda of the penalty (400)", float, range=NON_NEGATIVE),
+               Option("fisher_samples", "samples per task for the Fisher (64)", int, range=COUNT))
 
     def __init__(self, model, *, ewc_lambda: float = 400.0, fisher_samples: int = 64, **kw):
         if ewc_lambda < 0 or fisher_samples < 1:
-            raise ValueError(f"ewc_lambda must be >= 0 and fisher_samples >= 1, got {ewc_lambda}, {fisher_samples}")
+            raise ValueError(f"--ewc-lambda must be >= 0 and --fisher-samples >= 1, got {ewc_lambda}, {fisher_samples}")
         self.ewc_lambda, self.fisher_samples = ewc_lambda, fisher_samples
         super().__init__(model, **kw)
 
@@ -109,12 +109,12 @@ class LwF(SeqLoRA):
     T = 2 (Li & Hoiem's temperature). The teacher is the adapters (SPEC): a projector trained
     alongside (CoIN's recipe) is shared by teacher and student."""
 
-    options = (*SeqLoRA.options, Option("lwf_lambda", "lambda of the distillation term (1.0)", float),
-               Option("temperature", "softmax temperature T (2.0)", float, positive=True))
+    options = (*SeqLoRA.options, Option("lwf_lambda", "lambda of the distillation term (1.0)", float, range=NON_NEGATIVE),
+               Option("temperature", "softmax temperature T (2.0)", float, range=POSITIVE))
 
     def __init__(self, model, *, lwf_lambda: float = 1.0, temperature: float = 2.0, **kw):
         if lwf_lambda < 0 or temperature <= 0:
-            raise ValueError(f"lwf_lambda must be >= 0 and temperature > 0, got {lwf_lambda}, {temperature}")
+            raise ValueError(f"--lwf-lambda must be >= 0 and --temperature > 0, got {lwf_lambda}, {temperature}")
         self.lwf_lambda, self.temperature = lwf_lambda, temperature
         super().__init__(model, **kw)
 
@@ -184,15 +184,15 @@ class OLoRA(LoRAMethod):
     """O-LoRA (Wang et al. 2023): a new LoRA per task, learned in a subspace orthogonal to the
     earlier ones. Decision: l1 = 0.5, l2 = 0, O-LoRA's released defaults."""
 
-    options = (Option("olora_lambda1", "weight of the orthogonality term (0.5)", float),
-               Option("olora_lambda2", "weight of the new LoRA's L2 term (0)", float))
+    options = (Option("olora_lambda1", "weight of the orthogonality term (0.5)", float, range=NON_NEGATIVE),
+               Option("olora_lambda2", "weight of the new LoRA's L2 term (0)", float, range=NON_NEGATIVE))
 
     def __init__(self, model, *, olora_lambda1: float = 0.5, olora_lambda2: float = 0.0, **kw):
         if kw.get("dora"):
             raise ValueError("--dora does not apply to olora: DoRA normalises one pair's weight, "
                              "O-LoRA sums every task's pair")
         if olora_lambda1 < 0 or olora_lambda2 < 0:
-            raise ValueError(f"olora lambdas must be >= 0, got {olora_lambda1}, {olora_lambda2}")
+            raise ValueError(f"--olora-lambda1 and --olora-lambda2 must be >= 0, got {olora_lambda1}, {olora_lambda2}")
         self.lambda1, self.lambda2 = olora_lambda1, olora_lambda2
         super().__init__(model, **kw)
 

@@ -175,7 +175,7 @@ def read_config(path, *, vision_tower=None, image_token_index=None) -> LlavaConf
     raw = read_json(path / "config.json")
     if "vision_config" not in raw:
         raise ValueError(f"{path / 'config.json'}: missing field 'vision_config'; for an original-LLaVA "
-                         "LLM folder, pass vision_tower= (the CLIP folder)")
+                         "LLM folder, give its CLIP folder too (run.py --vision-tower; vision_tower= in Python)")
     config = LlavaConfig.from_dict(raw, source=str(path / "config.json"))
     if image_token_index is not None:
         config.image_token_index = image_token_index

@@ -117,15 +117,41 @@ def wrap_summary(method: str, names: list[str]) -> str:
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: from `low` to `high` (None: unbounded), each end
+    included unless open."""
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value) -> bool:
+        return ((self.low is None or value > self.low or (value == self.low and not self.open_low))
+                and (self.high is None or value < self.high or (value == self.high and not self.open_high)))
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.open_low or self.low is None else '['}{low}, {high}{')' if self.open_high or self.high is None else ']'}"
+
+
+POSITIVE = Range(0, open_low=True)  # (0, inf)
+COUNT = Range(1)  # [1, inf): an integer count
+NON_NEGATIVE = Range(0)  # [0, inf)
+FRACTION = Range(0, 1, open_high=True)  # [0, 1): a dropout rate
+UNIT = Range(0, 1)  # [0, 1]
+
+
+@dataclass(frozen=True)
 class Option:
     """A method's own command-line flag (--name-with-dashes), declared on the method's class;
-    run.py builds its parser and checks from these. type None: a switch (--x, or --x / --no-x
-    when negatable); positive: a value must be > 0."""
+    run.py builds its parser, checks and --help from these. type None: a switch (--x, or --x /
+    --no-x when negatable); `range`: the values a number may take, checked before anything loads."""
     name: str
     help: str
     type: type | None = None
     choices: tuple = ()
-    positive: bool = False
+    range: Range | None = None
     negatable: bool = False
 
 
@@ -157,14 +183,14 @@ class Method:
     def __init__(self, model, *, r: int = 128, lora_alpha: float = 256, target: str | None = None,
                  dropout: float = 0.0, use_selector: bool = False, align_weight: float = 1.0, verbose: bool = True):
         if r < 1:
-            raise ValueError(f"r must be at least 1, got {r}")
+            raise ValueError(f"--r must be at least 1, got {r}")
         self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]
         if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"--dropout must be in [0, 1), got {dropout}")
         for layer in self.layers:
             layer.dropout = dropout
         self.selector = None

@@ -7,7 +7,7 @@ import torch
 from .adapters import BranchLoRA, DirLoRA, Joint, LiLoRA, MoELoRA, SeqLoRA
 from .baselines import EWC, OLoRA, LwF, Replay
 from .method import Method
-from .model import Llava
+from .model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 METHODS = {"seqlora": SeqLoRA, "dirlora": DirLoRA, "joint": Joint, "moelora": MoELoRA,
            "branchlora": BranchLoRA, "lilora": LiLoRA,
@@ -18,6 +18,18 @@ def make_method(name: str, model, **hparams) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](model, **hparams)
+
+
+def check_hparams(name: str, **hparams) -> None:
+    """Build `name` on a tiny model on the meta device: every check its constructor makes (r
+    divisible by N, top-k within N, flags that exclude each other) runs before a checkpoint loads."""
+    c = LlavaConfig(vision=VisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                        image_size=4, patch_size=2),
+                    text=TextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                    num_attention_heads=1, num_key_value_heads=1), image_token_index=7)
+    with torch.device("meta"):
+        model = Llava(c).requires_grad_(False)
+    make_method(name, model, verbose=False, **hparams)
 
 
 def parameter_report(config, method: str, num_tasks: int, **hparams) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -44,8 +44,14 @@ def run_lock(out: Path):
         f.write(str(os.getpid()))
     try:
         yield
-    finally:
+    except BaseException:
+        with suppress(OSError):  # the error that stopped the run is the one to report
+            lock.unlink(missing_ok=True)
+        raise
+    try:
         lock.unlink(missing_ok=True)
+    except OSError as e:
+        raise OSError(f"could not remove the run lock {lock}: {e.strerror or e}") from None
 
 
 def _alive(pid: int) -> bool:
@@ -74,6 +80,31 @@ def first_difference(old, new, where: str = ""):
                 return found
         return None
     return None if old == new else (where or "the run description", old, new)
+
+
+# What every results.json holds, whatever wrote it; rescore, resume and --evaluate read these.
+RESULTS_KEYS = ("method", "tasks", "stages", "protocol", "acc_matrix", "format_matrix", "scoring", "config")
+
+
+def read_results(out: Path, purpose: str) -> dict:
+    """out/results.json, refused with the reason (and what `purpose` then cannot do) when it is
+    missing, unreadable, truncated or not a run's results file."""
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found: {purpose} needs a run folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}), so {purpose} cannot use it; it may have been cut short: "
+                         "move it aside (the checkpoints and predictions beside it are kept)") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds a JSON {type(results).__name__}, not a run's results: {purpose} needs the "
+                         "results.json a run writes")
+    missing = [k for k in RESULTS_KEYS if k not in results]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing)}: not a results file written by "
+                         f"run.py, so {purpose} cannot use it")
+    return results
 
 
 def save_results(out: Path, results: dict) -> None:

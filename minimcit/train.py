@@ -31,8 +31,8 @@ from .method import Method, stream_seed
 from .metrics import tasks_answered_per_row, tasks_answered_per_stage, continual_summary
 from .model import IGNORE_INDEX, Llava
 from .official import percent, score_items
-from .runfolder import (first_difference, load_checkpoint, run_lock, save_checkpoint, save_results, stages_done,
-                        seeded_start_task, write_predictions)
+from .runfolder import (first_difference, load_checkpoint, read_results, run_lock, save_checkpoint, save_results,
+                        seeded_start_task, stages_done, write_predictions)
 
 
 @dataclass
@@ -450,8 +450,8 @@ def new_results(exp: Experiment) -> dict:
     return {"method": method, "tasks": names, "stages": exp.method.stages(len(exp.tasks)), "protocol": exp.primary,
             "acc_matrix": [], f"acc_matrix_{other}": [], "format_matrix": [], "summary": None,
             f"summary_{other}": None, "params": None, "selector_accuracy": None, "task_identity": exp.identity,
-            "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file}
-                        for t in exp.tasks},
+            "scoring": {t.name: {"scorer": t.scorer, "official": t.official, "test_file": t.test_file,
+                                 "items": len(t.test)} for t in exp.tasks},
             "stage_seconds": [], "loss_curves": [],
             "config": {"method": method, "tasks": names, "config": experiment(exp.cfg), **exp.run_info},
             "complete": False, "argv": exp.argv}
@@ -546,33 +546,57 @@ def summarise(results: dict) -> None:
 
 def rescore(out: Path) -> dict:
     """Rebuild both protocols' matrices, the format matrix and the summaries of a run from its saved
-    predictions, with no model (after a scorer changes, or to check a number)."""
-    results = json.loads((out / "results.json").read_text())
-    scoring, tasks = results["scoring"], results["tasks"]
-    results.update({f"acc_matrix{suffix(results['protocol'], p)}": [] for p in PROTOCOLS}, format_matrix=[])
-    upto = tasks_answered_per_stage(results["stages"], len(tasks))
-    for stage, copies in enumerate([1] + [len(s) for s in results["stages"]]):
-        folder = out / "predictions" / f"stage_{stage}"
-        if not folder.is_dir():
-            if stage == 0:  # --skip-base-eval
+    predictions, with no model (after a scorer changes, or to check a number). Only the stages
+    whose checkpoint was written are rescored: the predictions of a stage killed before its
+    checkpoint are left alone, so --resume still continues the run. Takes the run lock."""
+    with run_lock(out):
+        results = read_results(out, "--rescore")
+        tasks, done = results["tasks"], 0
+        while done < len(results["stages"]) and (out / "checkpoints" / f"after_stage_{done + 1}.pt").is_file():
+            done += 1
+        base_skipped = all(v is None for v in results["acc_matrix"][0]) if results["acc_matrix"] else False
+        results.update({f"acc_matrix{suffix(results['protocol'], p)}": [] for p in PROTOCOLS}, format_matrix=[])
+        upto = tasks_answered_per_stage(results["stages"], len(tasks))
+        for stage, copies in enumerate([1] + [len(s) for s in results["stages"][:done]]):
+            folder = out / "predictions" / f"stage_{stage}"
+            if stage == 0 and base_skipped and not folder.is_dir():  # --skip-base-eval
                 add_rows(results, *empty_row(len(tasks)), 1)
                 continue
-            break
-        rows, fmt = empty_row(len(tasks))
-        for j, task in enumerate(tasks[:upto[stage]]):
-            path = folder / f"{task}.jsonl"
-            try:
-                records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: cannot read the saved predictions ({e})") from None
-            scores, f, _ = score_records(scoring[task]["scorer"], scoring[task]["official"], records)
-            for p in PROTOCOLS:
-                rows[p][j] = scores[p]
-            fmt[j] = f
-        add_rows(results, rows, fmt, copies)
-    summarise(results)
-    save_results(out, results)
+            rows, fmt = empty_row(len(tasks))
+            for j, task in enumerate(tasks[:upto[stage]]):
+                scores, f, _ = score_records(*scoring_of(results, task), saved_records(folder / f"{task}.jsonl",
+                                                                                      results["scoring"][task]))
+                for p in PROTOCOLS:
+                    rows[p][j] = scores[p]
+                fmt[j] = f
+            add_rows(results, rows, fmt, copies)
+        summarise(results)
+        save_results(out, results)
     return results
+
+
+def scoring_of(results: dict, task: str) -> tuple:
+    try:
+        return results["scoring"][task]["scorer"], results["scoring"][task]["official"]
+    except (KeyError, TypeError):
+        raise ValueError(f"results.json: task {task!r} has no scorer in 'scoring'") from None
+
+
+def saved_records(path: Path, scoring: dict) -> list[dict]:
+    """A stage's saved predictions of one task, checked against the test set the run recorded."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the saved predictions ({e})") from None
+    for n, r in enumerate(records):
+        if not isinstance(r, dict) or not {"id", "prediction", "gold"} <= set(r):
+            raise ValueError(f"{path}, line {n + 1}: a prediction record needs 'id', 'prediction' and 'gold'")
+    items = scoring.get("items")  # recorded from issue 24 on
+    if items is not None and len(records) != items:
+        raise ValueError(f"{path} holds {len(records)} predictions but the run's test set had {items} items")
+    if len({str(r["id"]) for r in records}) != len(records):
+        raise ValueError(f"{path}: the same item id appears twice; these are not one run's predictions")
+    return records
 
 
 def trained_projector(model: Llava, method: Method, cfg: TrainConfig) -> list[nn.Parameter]:
@@ -598,17 +622,12 @@ def params_of(method: Method) -> dict:
 
 def _resume(out: Path, fingerprint: dict, exp: Experiment):
     path = out / "results.json"
-    try:
-        results = json.loads(path.read_text())
-        results["acc_matrix"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path} is truncated or not a results file, so there is nothing to resume from; move "
-                         "it aside and start afresh (the checkpoints beside it are kept)") from None
+    results = read_results(out, "--resume")
     diff = first_difference(results.get("config"), fingerprint)
     if diff is not None:
         setting, old, new = diff
         raise ValueError(f"--resume: {path} was written by a different run: {setting} was {old!r}, now {new!r}; "
-                         "use another --out, or drop --resume to start afresh")
+                         f"give the settings it was made with, or another --out for a new run")
     done = stages_done(results)
     if done > 0:
         load_checkpoint(out / "checkpoints" / f"after_stage_{done}.pt", exp.method, exp.model, exp.cfg)

@@ -388,10 +388,22 @@ def test_written_files_honour_the_umask(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--max-per-task", "0"], "--max-per-task must be positive, got 0"),
-    (["--max-per-task", "-1"], "--max-per-task must be positive, got -1"),
-    (["--epochs", "0"], "--epochs must be positive"), (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
-    (["--r", "0"], "--r must be positive"), (["--lr=-1e-4"], "--lr must be positive"),
+    (["--max-per-task", "0"], "--max-per-task must be in [1, inf), got 0"),
+    (["--max-per-task", "-1"], "--max-per-task must be in [1, inf), got -1"),
+    (["--epochs", "0"], "--epochs must be in (0, inf), got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be in [1, inf)"),
+    (["--r", "0"], "--r must be in [1, inf)"), (["--lr=-1e-4"], "--lr must be in (0, inf)"),
+    (["--lr", "nan"], "--lr must be in (0, inf), got nan"), (["--lr", "inf"], "--lr must be in (0, inf), got inf"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1], got 1.5"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be in [0, inf)"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be in (0, inf)"),
+    (["--num-workers", "-2"], "--num-workers must be in [0, inf)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1"), (["--seed", "-3"], "--seed must be in [0, inf)"),
+    (["--lora-alpha", "0"], "--lora-alpha must be in (0, inf)"),
+    (["--device-memory", "-8"], "--device-memory must be in (0, inf)"),
+    (["--task-order", ","], "--task-order is empty"),
+    (["--preset", "smoke"], "--preset sizes MiniCoIN and MiniCVIT; --tasks coin runs the paper's recipe"),
+    (["--stage", "2"], "--stage picks the adapters --evaluate OUT evaluates"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
 ])
@@ -403,18 +415,24 @@ def test_out_of_range_flags_are_refused(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.parametrize("method,flags,message", [
-    ("branchlora", ["--num-branches", "0"], "--num-branches must be positive"),
-    ("branchlora", ["--top-k", "9"], "top_k must be between 1 and num_branches=8, got 9"),
-    ("branchlora", ["--r", "10"], "r=10 must split evenly into num_branches=8"),
+    ("branchlora", ["--num-branches", "0"], "--num-branches must be in [1, inf), got 0"),
+    ("branchlora", ["--top-k", "9"], "--top-k must be between 1 and --num-branches (8), got 9"),
+    ("branchlora", ["--r", "10"], "--r 10 must split evenly into --num-branches 8"),
+    ("moelora", ["--lora-r", "10", "--num-experts", "3"], "--r 10 must split evenly into --num-experts 3"),
+    ("lilora", ["--share-a-only", "--fixed-alpha", "0.5"], "--share-a-only has no basis B0 and no fusion"),
+    ("lilora", ["--fixed-alpha", "2"], "--fixed-alpha must be in [0, 1], got 2"),
     ("seqlora", ["--max-per-task", "5"], "--max-per-task applies to real data"),
     ("olora", ["--dora"], "--dora does not apply to --method olora"),
-    ("replay", ["--replay-share", "0"], "replay_share must be in (0, 1], got 0"),
-    ("ewc", ["--fisher-samples", "0"], "--fisher-samples must be positive"),
-    ("lwf", ["--temperature", "0"], "--temperature must be positive"),
+    ("replay", ["--replay-share", "0"], "--replay-share must be in (0, 1], got 0"),
+    ("ewc", ["--fisher-samples", "0"], "--fisher-samples must be in [1, inf)"),
+    ("ewc", ["--ewc-lambda", "-1"], "--ewc-lambda must be in [0, inf)"),
+    ("lwf", ["--temperature", "0"], "--temperature must be in (0, inf)"),
 ])
-def test_method_flags_out_of_range_on_minicoin(tmp_path, cache, capsys, method, flags, message):
+def test_method_flags_out_of_range_on_minicoin(tmp_path, capsys, method, flags, message):
+    cache = tmp_path / "cache"  # empty: a refusal comes before stage 1 would build the base into it
     assert run.main(["--method", method, *SMOKE, *flags, "--out", str(tmp_path / "o"), "--cache", str(cache)]) == 1
     assert message in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "o").exists()
 
 
 def test_train_projector_with_lilora_is_refused(tmp_path, capsys):
@@ -436,11 +454,16 @@ def test_bad_files_are_named(tmp_path, capsys):
     assert digest(out) == before
     (out / "results.json").write_text('{"acc_matrix": [[1')  # truncated
     before = digest(out)
-    assert run.main([*args, "--out", str(out), "--resume"]) == 1
-    assert "results.json is truncated or not a results file" in capsys.readouterr().err
-    (out / "results.json").write_text("")  # empty
-    assert run.main([*args, "--out", str(out), "--resume"]) == 1
-    assert "results.json is truncated or not a results file" in capsys.readouterr().err
+    for mode in (["--resume", *args, "--out", str(out)], ["--rescore", str(out)], ["--evaluate", str(out)]):
+        assert run.main(mode) == 1
+        err = capsys.readouterr().err
+        assert f"{out / 'results.json'} cannot be read (" in err and "move it aside" in err, (mode, err)
+    for text, says in (("", "cannot be read"), ("[1, 2]", "holds a JSON list, not a run's results"),
+                       ('{"acc_matrix": []}', "lacks 'method', 'tasks', 'stages'")):  # empty, a list, foreign
+        (out / "results.json").write_text(text)
+        for mode in (["--resume", *args, "--out", str(out)], ["--rescore", str(out)], ["--evaluate", str(out)]):
+            assert run.main(mode) == 1
+            assert says in capsys.readouterr().err, (text, mode)
     (out / "results.json").write_text('{"acc_matrix": [[1')
     assert digest(out) == before  # nothing written before the failures changed
     folder = tmp_path / "ckpt"
@@ -516,7 +539,8 @@ def test_custom_tasks_in_the_coin_format(tmp_path):
     assert run.main([*args, "--task-dir", str(mine), "--out", str(out)]) == 0
     r = load(out)
     assert r["tasks"] == ["Colours", "OCRVQA"] and r["protocol"] == "robust"
-    assert r["scoring"]["Colours"] == {"scorer": "vqa", "official": None, "test_file": str(mine / "Colours" / "test.json")}
+    assert r["scoring"]["Colours"] == {"scorer": "vqa", "official": None, "test_file": str(mine / "Colours" / "test.json"),
+                                       "items": 2}
     assert r["scoring"]["OCRVQA"]["official"] == "OCRVQA"  # a CoIN task's name brings its official rule
     assert all(row[0] is None for row in r["acc_matrix_official"])
 
@@ -574,14 +598,14 @@ def test_a_method_is_one_class_and_one_registry_line(tmp_path, cache, monkeypatc
     """A new method: one class declaring its own flag, one registry entry; run.py parses, checks
     and passes the flag, refuses it for other methods, and runs the method end to end."""
     from minimcit.adapters import SeqLoRA
-    from minimcit.method import Option
+    from minimcit.method import POSITIVE, Option
     from minimcit.methods import METHODS
 
     made = []
 
     class ScaledLoRA(SeqLoRA):
         """SeqLoRA with its update scaled by --update-scale."""
-        options = (*SeqLoRA.options, Option("update_scale", "factor on s (1.0)", float, positive=True))
+        options = (*SeqLoRA.options, Option("update_scale", "factor on s (1.0)", float, range=POSITIVE))
 
         def __init__(self, model, *, update_scale: float = 1.0, **kw):
             self.update_scale = update_scale

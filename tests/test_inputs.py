@@ -1,0 +1,169 @@
+"""Issue 24: every input checked against what it claims to be. Each test replays what a user typed
+and asserts the exit code, the message (naming the file, flag or field) and, where a run folder
+exists, that a refusal left it byte for byte as it was."""
+
+import json
+import shutil
+
+import pytest
+from test_run import SMOKE, coin_run, digest, load
+
+import run
+from minimcit import runfolder
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished MiniCVIT smoke run of seqlora (6 tasks), copied afresh into each test."""
+    root = tmp_path_factory.mktemp("finished")
+    out = root / "run"
+    assert run.main(["--method", "seqlora", *SMOKE, "--out", str(out), "--cache", str(root / "cache")]) == 0
+    return out, root / "cache"
+
+
+@pytest.fixture
+def a_run(finished, tmp_path):
+    out, cache = finished
+    shutil.copytree(out, tmp_path / "run")
+    return tmp_path / "run", cache
+
+
+def test_rescore_after_a_stage_killed_before_its_checkpoint_leaves_the_run_resumable(a_run, capsys):
+    out, cache = a_run
+    # As a kill leaves it: stage 3's predictions written, its checkpoint and results.json row not.
+    results = load(out)
+    results["acc_matrix"] = results["acc_matrix"][:3]  # base, stages 1-2
+    results["acc_matrix_official"] = results["acc_matrix_official"][:3]
+    results["format_matrix"], results["complete"] = results["format_matrix"][:3], False
+    (out / "results.json").write_text(json.dumps(results))
+    for k in range(3, 7):
+        (out / "checkpoints" / f"after_stage_{k}.pt").unlink()
+    shutil.rmtree(out / "predictions" / "stage_4"), shutil.rmtree(out / "predictions" / "stage_5")
+    shutil.rmtree(out / "predictions" / "stage_6")
+    assert run.main(["--rescore", str(out)]) == 0
+    assert len(load(out)["acc_matrix"]) == 3  # stage 3 left out: it has no checkpoint
+    assert run.main(["--method", "seqlora", *SMOKE, "--out", str(out), "--cache", str(cache), "--resume"]) == 0
+    assert load(out)["complete"]
+    capsys.readouterr()
+
+
+def test_rescore_refuses_predictions_that_are_not_the_recorded_test_set(a_run, capsys):
+    out, _ = a_run
+    path = out / "predictions" / "stage_2" / "sciqa.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # one item short
+    before = digest(out)
+    assert run.main(["--rescore", str(out)]) == 1
+    assert f"{path} holds {len(lines) - 1} predictions but the run's test set had {len(lines)} items" in \
+        capsys.readouterr().err
+    path.write_text("\n".join([lines[0], *lines[:-1]]) + "\n")  # a duplicated item
+    before = digest(out)
+    assert run.main(["--rescore", str(out)]) == 1
+    assert "the same item id appears twice" in capsys.readouterr().err
+    assert digest(out) == before
+
+
+@pytest.mark.parametrize("mode,extra,says", [
+    ("--evaluate", ["--task-identity", "selector"], "drop --task-identity"),
+    ("--evaluate", ["--lr", "0.1"], "drop --lr"),
+    ("--rescore", ["--stage", "2"], "drop --stage"),
+    ("--rescore", ["--method", "lilora"], "drop --method"),
+])
+def test_evaluate_and_rescore_refuse_flags_they_would_ignore(a_run, capsys, mode, extra, says):
+    out, _ = a_run
+    before = digest(out)
+    assert run.main([mode, str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert f"{mode} rebuilds the run from its own command" in err and says in err
+    assert digest(out) == before
+
+
+def test_evaluate_honours_how_it_runs_and_records_the_command(a_run, capsys):
+    out, _ = a_run
+    argv = ["--evaluate", str(out), "--stage", "2", "--eval-batch-size", "3", "--device", "cpu", "--quiet"]
+    assert run.main(argv) == 0
+    ev = json.loads((out / "evaluations" / "stage_2" / "evaluation.json").read_text())
+    assert ev["argv"] == argv
+    assert ev["row"][:3] == load(out)["acc_matrix"][2][:3]  # the tasks stage 2 answered in the run
+    capsys.readouterr()
+
+
+def test_evaluate_refuses_a_run_whose_test_data_changed(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    out = tmp_path / "out"
+    assert run.main([*args, "--out", str(out)]) == 0
+    test = data / "Instructions_Original" / "ScienceQA" / "test.json"
+    items = json.loads(test.read_text())
+    items[0]["answer"] = "Z"  # another gold
+    test.write_text(json.dumps(items))
+    before = digest(out)
+    assert run.main(["--evaluate", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--evaluate: contents." in err and "test.json" in err and "would be scored against other data" in err
+    assert digest(out) == before
+
+
+def test_interrupted_before_any_stage_says_so(tmp_path, capsys, monkeypatch):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run, "pretrain_base", stop)  # Ctrl-C during stage 1
+    out = tmp_path / "o"
+    assert run.main(["--method", "seqlora", *SMOKE, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "no stage had finished" in err and "--resume" not in err
+
+
+def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_that_stopped_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    real = runfolder.Path.unlink
+
+    def refuse(self, *a, **k):
+        if self.name == "run.lock":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+    monkeypatch.setattr(runfolder.Path, "unlink", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        with runfolder.run_lock(out):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="could not remove the run lock"):
+        with runfolder.run_lock(out / ".."):
+            pass
+
+
+def test_no_flag_is_one_torchrun_takes_for_its_own():
+    """torchrun parses what follows the script for abbreviations of its own options: a flag of ours
+    that prefixes several of them (--r: --rdzv-*, --role, ...) stops torchrun before run.py runs."""
+    from torch.distributed.run import get_args_parser
+
+    ours = [s for a in run.build_parser()._actions for s in a.option_strings if s.startswith("--")]
+    torchrun = get_args_parser()
+    refused = []
+    for flag in ours:
+        if flag in ("--r",):  # kept for one process; --lora-r is its torchrun spelling
+            continue
+        try:
+            torchrun.parse_args(["run.py", flag, "1"])
+        except SystemExit:
+            refused.append(flag)
+    assert not refused
+    with pytest.raises(SystemExit):
+        torchrun.parse_args(["run.py", "--r", "8"])  # why --lora-r exists
+    assert run.parse_args(["--lora-r", "8"]).r == 8
+
+
+def test_every_numeric_flag_states_its_range_in_help():
+    numeric = [a for a in run.build_parser()._actions if a.type in (int, float)]
+    assert len(numeric) > 25
+    missing = [a.option_strings[0] for a in numeric if " (in " not in (a.help or "")]
+    assert not missing, missing
+
+
+def test_method_checks_run_before_the_base_loads(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run.Llava, "from_pretrained", lambda *a, **k: calls.append(a))
+    data, images, args = coin_run(tmp_path)
+    args[args.index("seqlora")] = "branchlora"
+    args[args.index("--r") + 1] = "10"  # not divisible by N = 8
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "--r 10 must split evenly into --num-branches 8" in capsys.readouterr().err and not calls
