@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-identity", choices=["oracle", "selector"],
                    help="how task-specific methods pick their parameters at test time (default: oracle; "
                         f"{free} on coin/cvit: selector, its paper's identity-free protocol)")
-    p.add_argument("--check-data", action="store_true", help="coin/cvit: check every file and image, then stop")
+    p.add_argument("--check-data", action="store_true",
+                   help="coin, cvit or custom: check every file, item and image as the run would read them, then stop")
     p.add_argument("--rescore", type=Path, metavar="OUT", help="rebuild a run's matrices from its saved predictions")
     p.add_argument("--evaluate", type=Path, metavar="OUT",
                    help="evaluate a run's saved adapters again into OUT/evaluations/ (the run's own command is reused)")
@@ -303,9 +304,18 @@ def main(argv=None) -> int:
             print(f"\ninterrupted: {interrupted(args)}", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError, FloatingPointError) as e:  # OSError: also a full disk mid-run
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {own_words(e)}", file=sys.stderr)
         return 1
+
+
+def own_words(e: Exception) -> str:
+    """An error's own message: a KeyError's without quotes, and a DataLoader worker's (an image that
+    does not decode) without the worker's traceback it arrives wrapped in."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def interrupted(args) -> str:
@@ -336,13 +346,13 @@ def rescore_run(out: Path) -> int:
 
 
 def check_data(args) -> int:
-    if args.tasks not in ("coin", "cvit"):
-        raise ValueError("--check-data checks real data: use it with --tasks coin or cvit")
-    missing = missing_flags(args, ("data_root", "image_root"))
+    if args.tasks not in ("coin", "cvit", "custom"):
+        raise ValueError("--check-data checks data you bring: use it with --tasks coin, cvit or custom")
+    missing = missing_flags(args, ("task_dir", "image_root") if args.tasks == "custom" else ("data_root", "image_root"))
     if missing:
         raise ValueError(f"--check-data needs {', '.join(missing)}")
     table, faults, notes = check_benchmark(args.tasks, args.data_root, args.image_root, args.instructions,
-                                           args.textvqa_answers)
+                                           args.textvqa_answers, task_dir=args.task_dir)
     print(table)
     for line in notes:
         print(f"note: {line}")
@@ -479,7 +489,7 @@ def real_data_parts(args, hp: dict, cfg: TrainConfig, identity: str, device, dty
     gone = missing_images(tasks)  # before minutes of loading and hours of training
     if gone:
         shown = "\n  ".join(map(str, gone[:10]))
-        raise FileNotFoundError(f"{len(gone)} image(s) the run would read are missing under {args.image_root}, "
+        raise FileNotFoundError(f"{len(gone)} image(s) the run would read are missing or empty under {args.image_root}, "
                                 f"e.g.\n  {shown}\n(run.py --check-data lists every fault)")
     print_data_plan(args, tasks, cfg, identity)
     c = read_config(args.model, vision_tower=args.vision_tower)

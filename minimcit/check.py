@@ -1,10 +1,12 @@
-"""The data checker: `run.py --tasks coin --check-data --data-root D --image-root I`.
+"""The data checker: `run.py --tasks coin --check-data --data-root D --image-root I` (or
+`--tasks custom --task-dir T --image-root I`).
 
-Reads every file a CoIN or CVIT run would read, item by item, and counts what would stop or
-silently spoil a run: JSON that does not parse, items the loader refuses (conversations that do
-not alternate human/gpt, missing fields, empty answers, gold boxes that are not four normalised
-numbers), images that are missing or do not open, and duplicate ids. No model, no training;
-unlike the loader it does not stop at the first fault.
+Reads every file a CoIN, CVIT or custom run would read, item by item, through the loaders' own
+checks, and counts what would stop or silently spoil a run: JSON that does not parse, items the
+loader refuses (conversations that do not alternate human/gpt, missing fields, empty answers,
+gold boxes that are not four normalised numbers), splits with no usable item, images that are
+missing or do not decode to the end, and duplicate ids. No model, no training; unlike the
+loader it does not stop at the first fault.
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import read_json_list, test_sample, read_textvqa_answers, train_sample, task_files
+from .data import custom_task_files, read_json_list, read_textvqa_answers, task_files, test_sample, train_sample
 from .metrics import tasks_answered_per_stage
 
 COLUMNS = ["items", "text-only", "bad items", "missing images", "unreadable images", "duplicate ids"]
 
 
 def _image_fault(path: Path, seen: dict) -> str | None:
-    """'missing', 'unreadable' or None; each file is opened once however many items share it."""
+    """'missing', 'unreadable' or None; each file is decoded once however many items share it, to
+    the end (a truncated JPEG has a good header)."""
     if path not in seen:
         if not path.is_file():
             seen[path] = "missing"
         else:
             try:
                 with Image.open(path) as img:
-                    img.verify()
+                    img.convert("RGB").load()
                 seen[path] = None
             except Exception:  # noqa: BLE001 - pillow raises many kinds for a broken file
                 seen[path] = "unreadable"
@@ -62,20 +65,25 @@ def check_file(path: Path, make, split: str) -> tuple[dict, list[str]]:
     dups = {k: n for k, n in ids.items() if n > 1}
     counts["duplicate ids"] = sum(n - 1 for n in dups.values())
     faults += [f"{path}: {split} id {k!r} appears {n} times" for k, n in list(dups.items())[:5]]
+    if counts["items"] == counts["bad items"]:  # the loader refuses a split with nothing in it
+        faults.append(f"{path}: no items" if not counts["items"] else f"{path}: no item the loader accepts")
     return {c: counts[c] for c in COLUMNS}, faults
 
 
 def check_benchmark(name: str, data_root, image_root, instructions: str = "original",
-                    textvqa_answers=None) -> tuple[str, list[str], list[str]]:
-    """(table, faults, notes) for every task and split of `name`; faults make the check fail,
-    notes (e.g. official TextVQA unavailable) do not."""
-    data_root, image_root = Path(data_root), Path(image_root)
-    for p, what in ((data_root, "data root"), (image_root, "image root")):
+                    textvqa_answers=None, task_dir=None) -> tuple[str, list[str], list[str]]:
+    """(table, faults, notes) for every task and split of `name` (coin, cvit, or custom from
+    `task_dir`); faults make the check fail, notes (e.g. official TextVQA unavailable) do not."""
+    image_root = Path(image_root)
+    roots = ((image_root, "image root"),) if name == "custom" else ((Path(data_root), "data root"),
+                                                                   (image_root, "image root"))
+    for p, what in roots:
         if not p.is_dir():
             raise FileNotFoundError(f"{what} not found: {p}")
     rows, faults, notes = [], [], []
-    for task, scorer, folder, test_file, ann in task_files(name, data_root, image_root, instructions,
-                                                           textvqa_answers):
+    files = custom_task_files(task_dir) if name == "custom" else task_files(name, Path(data_root), image_root,
+                                                                             instructions, textvqa_answers)
+    for task, scorer, folder, test_file, ann in files:
         by_id = None
         if ann is not None:
             if ann.is_file():

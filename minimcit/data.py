@@ -7,7 +7,6 @@ files, with image paths decoded only when a batch is collated.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,22 +112,33 @@ def _train_samples(path: Path, task: str, image_root: Path, cap) -> list[Sample]
 
 
 def parse_gold_box(text, path: Path, i: int) -> str:
-    """A gold box must be four numbers in [0, 1] (normalised to the padded square, as CoIN writes
-    them); anything else would score 0 for every prediction without a word."""
-    nums = re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", str(text))
-    if len(nums) != 4 or not all(0 <= float(v) <= 1 for v in nums):
-        raise ValueError(f"{path}: item {i} field 'answer_bbox' should be four numbers in [0, 1] "
+    """A gold box must be four numbers in [0, 1], comma-separated as CoIN writes them ("[x1, y1,
+    x2, y2]", normalised to the padded square), or a JSON list of four numbers; anything else would
+    score 0 for every prediction without a word, or fail in the scorer after hours of training."""
+    if isinstance(text, list):
+        ok = len(text) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in text)
+        nums = [float(v) for v in text] if ok else []
+        text = "[" + ", ".join(f"{v:g}" for v in nums) + "]"
+    else:
+        parts = str(text).strip().strip("[]").split(",")
+        try:
+            nums = [float(v) for v in parts]
+        except ValueError:
+            nums = []
+    if len(nums) != 4 or not all(0 <= v <= 1 for v in nums):
+        raise ValueError(f"{path}: item {i} field 'answer_bbox' should be four comma-separated numbers in [0, 1] "
                          f"(normalised [x1, y1, x2, y2]), got {text!r}")
-    return str(text) if isinstance(text, str) else str(list(text))
+    return text
 
 
 def test_sample(item, path: Path, i: int, task: str, scorer: str, image_root: Path, answers_by_id=None) -> Sample:
     key = "answer_bbox" if scorer == "box" else "answer"
     answer = _field(item, key, path, i, (str, list))
-    if not answer or (isinstance(answer, list) and not all(isinstance(a, str) and a for a in answer)):
-        raise ValueError(f"{path}: item {i} field {key!r} is empty")
     if scorer == "box":
-        answer = parse_gold_box(answer, path, i)
+        answer = parse_gold_box(answer, path, i)  # a box may be a list of four numbers
+    elif not answer or (isinstance(answer, list) and not all(isinstance(a, str) and a for a in answer)):
+        raise ValueError(f"{path}: item {i} field {key!r} is empty" if not answer else
+                         f"{path}: item {i} field {key!r} should be a string or a list of non-empty strings")
     qid = item.get("question_id", i)
     first = answer if isinstance(answer, str) else answer[0]
     answers = None if isinstance(answer, str) else list(answer)
@@ -236,23 +246,42 @@ def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_te
     ({"Task": "letter" | "vqa" | "substring" | "exact" | "box" | "caption"}) names each task's
     robust scorer (default "exact"); a task named like a CoIN or CVIT task is also scored by that
     task's official rule."""
-    task_dir, image_root = Path(task_dir), Path(image_root)
-    for p, what in ((task_dir, "--task-dir"), (image_root, "image root")):
-        if not p.is_dir():
-            raise FileNotFoundError(f"{what} not found: {p}")
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image root not found: {image_root}")
+    return [_load_task(task, scorer, task if task in OFFICIAL_RULES else None, folder, test_file, image_root,
+                       max_per_task, max_test or max_per_task)
+            for task, scorer, folder, test_file, _ in custom_task_files(task_dir)]
+
+
+def custom_task_files(task_dir) -> list[tuple]:
+    """Per custom task, as task_files gives them: (name, scorer, folder, test file, None). The names
+    in tasks.json and the folders on disk must agree both ways: a typo would score a task by exact
+    match without a word."""
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise FileNotFoundError(f"--task-dir not found: {task_dir}")
     scorers = read_json(task_dir / "tasks.json") if (task_dir / "tasks.json").is_file() else {}
     if not isinstance(scorers, dict) or any(v not in SCORER_NAMES for v in scorers.values()):
         raise ValueError(f"{task_dir / 'tasks.json'}: expected {{task: scorer}} with scorers from {SCORER_NAMES}")
     folders = sorted(p for p in task_dir.iterdir() if (p / "train.json").is_file())
     if not folders:
         raise FileNotFoundError(f"--task-dir {task_dir}: no <Task>/train.json inside")
-    tasks = []
+    unknown = sorted(set(scorers) - {f.name for f in folders})
+    if unknown:
+        raise ValueError(f"{task_dir / 'tasks.json'} names {unknown}, which have no <Task>/train.json in {task_dir}; "
+                         f"the task folders are {[f.name for f in folders]}")
+    if scorers and len(scorers) != len(folders):
+        unnamed = [f.name for f in folders if f.name not in scorers]
+        raise ValueError(f"{task_dir / 'tasks.json'} gives no scorer for {unnamed}: name one for every task "
+                         f"(from {SCORER_NAMES}), or drop tasks.json to score every task by exact match")
+    out = []
     for folder in folders:
-        scorer = scorers.get(folder.name, "exact")
         test_file = folder / "test.json" if (folder / "test.json").is_file() else folder / "val.json"
-        tasks.append(_load_task(folder.name, scorer, folder.name if folder.name in OFFICIAL_RULES else None, folder,
-                                test_file, image_root, max_per_task, max_test or max_per_task))
-    return tasks
+        if not test_file.is_file():
+            raise FileNotFoundError(f"{folder}: no test.json (or val.json) beside train.json: a task needs test items")
+        out.append((folder.name, scorers.get(folder.name, "exact"), folder, test_file, None))
+    return out
 
 
 def order_tasks(tasks: list[Task], order: str | None) -> list[Task]:
@@ -269,10 +298,11 @@ def order_tasks(tasks: list[Task], order: str | None) -> list[Task]:
 
 
 def missing_images(tasks: list[Task]) -> list[Path]:
-    """Every image file the run will read that is not there: one stat per file, no decoding, so
-    a missing image of the last task is found before the first one trains."""
+    """Every image file the run will read that is not there, or is empty: one stat per file, no
+    decoding (--check-data decodes), so a missing image of the last task is found before the
+    first one trains."""
     paths = {s.image for t in tasks for s in (*t.train, *t.test) if isinstance(s.image, (str, Path))}
-    return sorted(Path(p) for p in paths if not Path(p).is_file())
+    return sorted(Path(p) for p in paths if not Path(p).is_file() or Path(p).stat().st_size == 0)
 
 
 # --------------------------------------------------------------------------- collation

@@ -167,3 +167,99 @@ def test_method_checks_run_before_the_base_loads(tmp_path, capsys, monkeypatch):
     args[args.index("--r") + 1] = "10"  # not divisible by N = 8
     assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
     assert "--r 10 must split evenly into --num-branches 8" in capsys.readouterr().err and not calls
+
+
+# --------------------------------------------------------------------------- data: what --check-data and the run see
+
+
+def _edit(path, fn):
+    items = json.loads(path.read_text())
+    fn(items)
+    path.write_text(json.dumps(items))
+
+
+def plant_truncated_jpeg(data, images):
+    path = images / "GQA" / "0.jpg"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return "GQA/0.jpg is unreadable", "cannot read image"
+
+
+def plant_empty_image(data, images):
+    (images / "VizWiz" / "1.jpg").write_bytes(b"")
+    return "VizWiz/1.jpg is unreadable", "missing or empty under"
+
+
+def plant_empty_test_split(data, images):
+    (data / "Instructions_Original" / "ImageNet" / "test.json").write_text("[]")
+    return "ImageNet/test.json: no items", "ImageNet/test.json: no items"
+
+
+def plant_space_separated_box(data, images):
+    _edit(data / "Instructions_Original" / "Grounding" / "test.json",
+          lambda items: items[1].update(answer_bbox="[0.17 0.2 0.62 0.75]"))
+    return ("Grounding/test.json: item 1 field 'answer_bbox' should be four comma-separated numbers",) * 2
+
+
+def plant_answers_not_text(data, images):
+    _edit(data / "Instructions_Original" / "OCRVQA" / "test.json", lambda items: items[0].update(answer=[3, 4]))
+    return ("OCRVQA/test.json: item 0 field 'answer' should be a string or a list of non-empty strings",) * 2
+
+
+@pytest.mark.parametrize("plant", [plant_truncated_jpeg, plant_empty_image, plant_empty_test_split,
+                                   plant_space_separated_box, plant_answers_not_text])
+def test_check_data_finds_what_the_run_refuses_or_dies_on(tmp_path, capsys, plant):
+    data, images, args = coin_run(tmp_path)
+    check, refusal = plant(data, images)
+    assert run.main(["--tasks", "coin", "--check-data", "--data-root", str(data), "--image-root", str(images)]) == 1
+    out = capsys.readouterr().out
+    assert check in out and "fault(s) found" in out, out[-2000:]
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1  # and the run stops, saying where
+    err = capsys.readouterr().err
+    assert refusal in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_gold_box_may_be_a_json_list_of_four_numbers(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    _edit(data / "Instructions_Original" / "Grounding" / "test.json",
+          lambda items: [item.update(answer_bbox=[0.1, 0.2, 0.5, 0.6]) for item in items])
+    assert run.main(["--tasks", "coin", "--check-data", "--data-root", str(data), "--image-root", str(images)]) == 0
+    out = tmp_path / "o"
+    assert run.main([*args, "--out", str(out)]) == 0
+    gold = json.loads((out / "predictions" / "stage_0" / "Grounding.jsonl").read_text().splitlines()[0])["gold"]
+    assert gold == "[0.1, 0.2, 0.5, 0.6]"  # scored as CoIN's string form
+    capsys.readouterr()
+
+
+def custom(tmp_path):
+    data, images, args = coin_run(tmp_path)
+    mine = tmp_path / "mine"
+    for task in ("ScienceQA", "GQA"):
+        shutil.copytree(data / "Instructions_Original" / task, mine / task)
+    i = args.index("--data-root")
+    args = args[:i] + args[i + 2:]
+    args[args.index("coin")] = "custom"
+    return mine, images, [*args, "--task-dir", str(mine)]
+
+
+@pytest.mark.parametrize("scorers,says", [
+    ({"ScienceQA": "letter", "Gqa": "vqa"}, "tasks.json names ['Gqa'], which have no <Task>/train.json"),
+    ({"ScienceQA": "letter"}, "tasks.json gives no scorer for ['GQA']"),
+])
+def test_custom_task_names_in_tasks_json_and_on_disk_agree(tmp_path, capsys, scorers, says):
+    mine, images, args = custom(tmp_path)
+    (mine / "tasks.json").write_text(json.dumps(scorers))
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert says in capsys.readouterr().err
+    assert run.main(["--tasks", "custom", "--check-data", "--task-dir", str(mine), "--image-root", str(images)]) == 1
+    assert says in capsys.readouterr().err
+
+
+def test_check_data_reads_custom_tasks_and_a_missing_test_file_is_named(tmp_path, capsys):
+    mine, images, args = custom(tmp_path)
+    check = ["--tasks", "custom", "--check-data", "--task-dir", str(mine), "--image-root", str(images)]
+    assert run.main(check) == 0
+    assert "no faults found" in capsys.readouterr().out
+    (mine / "GQA" / "test.json").rename(mine / "GQA" / "held_out.json")
+    for argv in (check, [*args, "--out", str(tmp_path / "o")]):
+        assert run.main(argv) == 1
+        assert f"{mine / 'GQA'}: no test.json (or val.json) beside train.json" in capsys.readouterr().err
