@@ -329,11 +329,15 @@ def interrupted(args) -> str:
 
 
 def probe_writable(out: Path) -> None:
+    """Fail now, not after minutes of loading, where --out cannot be written; leave no folder behind."""
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
+        if made:
+            out.rmdir()  # the run makes it when it writes; a refusal before then leaves nothing
     except OSError as e:
         raise ValueError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
 
@@ -518,6 +522,13 @@ def make_collator(tok_path, c, system: str) -> Collator:
     if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
         raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
                          f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
+    # A tokenizer of another model that happens to be no larger: its special tokens give it away.
+    image_id = tok.tok.token_to_id("<image>")
+    for what, ours, model_id in (("bos", tok.bos_id, c.text.bos_token_id), ("eos", tok.eos_id, c.text.eos_token_id),
+                                 ("<image>", image_id, c.image_token_index if c.image_token_index >= 0 else None)):
+        if ours is not None and model_id is not None and ours != model_id:
+            raise ValueError(f"{tok_path}: the tokenizer's {what} token is id {ours} but the model's config says "
+                             f"{model_id}; use the tokenizer that belongs to the model (--tokenizer)")
     return Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size, system=system)
 
 

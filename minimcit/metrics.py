@@ -333,13 +333,14 @@ def continual_summary(acc_matrix, format_matrix=None) -> dict:
     map_ = [sum(ap[:k]) / k for k in range(1, T + 1)]  # MAP_k = mean_{i<=k} AP_i, LiLoRA Eq. 9
     out = {
         "AP": ap[-1], "MAP": map_[-1],
-        "BWT": sum(a[T][j] - a[j + 1][j] for j in range(T - 1)) / (T - 1) if T > 1 else 0.0,  # LiLoRA Eq. 10, k = T
+        # One task has nothing to forget and no later task to transfer to: BWT and FWT are undefined (None).
+        "BWT": sum(a[T][j] - a[j + 1][j] for j in range(T - 1)) / (T - 1) if T > 1 else None,  # LiLoRA Eq. 10, k = T
         "ACC": ap[-1],  # = MFN = AP_T
         "MFT": sum(a[j + 1][j] for j in range(T)) / T,  # score on each task right after learning it
-        "FWT": sum(a[j][j] - a[0][j] for j in range(1, T)) / (T - 1) if T > 1 else 0.0,  # before learning j vs base
+        "FWT": sum(a[j][j] - a[0][j] for j in range(1, T)) / (T - 1) if T > 1 else None,  # before learning j vs base
         "AP_k": ap, "MAP_k": map_,
     }
-    if math.isnan(out["FWT"]):
+    if out["FWT"] is not None and math.isnan(out["FWT"]):
         out["FWT"] = None  # the base model was not evaluated
     if format_matrix is not None:
         f = [[math.nan if v is None else float(v) for v in row] for row in format_matrix]

@@ -263,3 +263,36 @@ def test_check_data_reads_custom_tasks_and_a_missing_test_file_is_named(tmp_path
     for argv in (check, [*args, "--out", str(tmp_path / "o")]):
         assert run.main(argv) == 1
         assert f"{mine / 'GQA'}: no test.json (or val.json) beside train.json" in capsys.readouterr().err
+
+
+def test_a_tokenizer_of_another_model_is_refused_by_its_special_tokens(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    data, images, args = coin_run(tmp_path)
+    folder = tmp_path / "ckpt"
+    words = ["<unk>", "</s>", "<s>", "<pad>"] + [f"w{i}" for i in range(20)]  # no larger, but eos and bos swapped
+    Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")).save(str(folder / "tok.json"))
+    before = digest(folder)
+    assert run.main([*args, "--tokenizer", str(folder / "tok.json"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "tok.json: the tokenizer's bos token is id 2 but the model's config says 1" in err
+    assert digest(folder) == before and not (tmp_path / "o").exists()
+
+
+def test_a_one_task_run_has_no_bwt_or_fwt(finished, tmp_path, capsys):
+    from minimcit.metrics import continual_summary
+
+    s = continual_summary([[10.0], [70.0]], [[100.0], [100.0]])
+    assert s["AP"] == 70.0 and s["BWT"] is None and s["FWT"] is None
+    out = tmp_path / "one"
+    assert run.main(["--method", "seqlora", *SMOKE, "--task-order", "gqa", "--out", str(out),
+                     "--cache", str(finished[1])]) == 0
+    assert "BWT n/a" in (out / "results.txt").read_text() and "FWT n/a" in (out / "results.txt").read_text()
+    capsys.readouterr()
+
+
+def test_resume_at_another_worker_count_and_eval_batch_is_the_same_run(a_run, capsys):
+    out, cache = a_run
+    assert run.main(["--method", "seqlora", *SMOKE, "--out", str(out), "--cache", str(cache), "--resume",
+                     "--num-workers", "2", "--eval-batch-size", "5"]) == 0
+    assert "resuming after stage 6 of 6" in capsys.readouterr().err
