@@ -250,6 +250,12 @@ def validate(args) -> None:
         raise ValueError(f"--device {args.device!r} is not a device torch knows (cpu, cuda, cuda:0, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch build sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.task_identity == "selector" and not METHODS[args.method].task_specific:
+        raise ValueError(f"--task-identity selector: {args.method} has no per-task parameters to choose between "
+                         "(one set serves every task); the selector applies to "
+                         + ", ".join(n for n, m in METHODS.items() if m.task_specific))
 
 
 def missing_flags(args, names) -> list[str]:

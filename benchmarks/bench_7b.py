@@ -1,9 +1,13 @@
 """The 7B (and 13B) run without a GPU: the memory plan of every method at the first and the last
 CoIN task, the step's FLOPs, and the full CoIN evaluation's predicted time on one H100.
 
-    python benchmarks/bench_7b.py                  # plans: 7B and 13B on 80 GB, 7B on 24 GB
+    python benchmarks/bench_7b.py                  # plans: 7B and 13B on 80 GB, 7B on 24 GB (~8 min on 2 cores)
+    python benchmarks/bench_7b.py --methods seqlora  # one method's plans (~75 s)
     python benchmarks/bench_7b.py --eval-time      # full CoIN evaluation, one method, one H100
     python benchmarks/bench_7b.py --validate       # predicted activation bytes vs a real step's RSS (CPU)
+
+Each plan steps the run's own code on fake tensors at 2- and 3-layer twins of the shape, so its
+cost is that of tracing ops in Python, about 75 s a method on 2 CPU cores, not of 7B arithmetic.
 
 Memory comes from minimcit/plan.py, the code a real-data run plans with: the run's own step and
 generate call on fake tensors (shapes, dtypes, storage sizes, no data), at the papers' recipes

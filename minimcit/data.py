@@ -243,9 +243,9 @@ SCORER_NAMES = ("letter", "vqa", "substring", "exact", "box", "caption")
 def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_test: int | None = None) -> list[Task]:
     """The user's own tasks in CoIN's file format: `<task_dir>/<Task>/train.json` and `test.json`
     (or `val.json`), in name order unless --task-order says otherwise. `<task_dir>/tasks.json`
-    ({"Task": "letter" | "vqa" | "substring" | "exact" | "box" | "caption"}) names each task's
-    robust scorer (default "exact"); a task named like a CoIN or CVIT task is also scored by that
-    task's official rule."""
+    ({"Task": "letter" | "vqa" | "substring" | "exact" | "box" | "caption"}) names every task's
+    robust scorer (without the file: "exact" for all); a task named like a CoIN or CVIT task is
+    also scored by that task's official rule."""
     image_root = Path(image_root)
     if not image_root.is_dir():
         raise FileNotFoundError(f"image root not found: {image_root}")

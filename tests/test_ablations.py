@@ -44,7 +44,7 @@ def test_lilora_fixed_alpha_mixes_basis_and_task_part_by_hand():
         m1 = make_method("lilora", tiny_llava(), r=4, lora_alpha=4, fixed_alpha=alpha, verbose=False)
         m1.start_task(0)
         assert m1.layers[0].fusion(0).item() == alpha
-    with pytest.raises(ValueError, match="fixed_alpha must be in"):
+    with pytest.raises(ValueError, match="--fixed-alpha must be in"):
         make_method("lilora", tiny_llava(), r=4, fixed_alpha=1.5, verbose=False)
 
 

@@ -487,12 +487,12 @@ def test_selector_reads_the_mean_clip_patch_feature_and_the_instruction_span():
 
 def test_rank_must_split_evenly_across_experts_and_branches():
     for name, key in (("moelora", "num_experts"), ("branchlora", "num_branches")):
-        with pytest.raises(ValueError, match=f"r=10 must split evenly into {key}=4"):
+        with pytest.raises(ValueError, match=f"--r 10 must split evenly into --{key.replace('_', '-')} 4"):
             make_method(name, tiny_llava(), r=10, lora_alpha=20, verbose=False, **{key: 4})
     m = make_method("branchlora", tiny_llava(), r=12, lora_alpha=24, num_branches=4, verbose=False)
     m.start_task(0)
     assert m.layers[0].lora_A.shape == (3, 32) and m.layers[0].scaling == 2.0  # r_b = 12 / 4, s = alpha / r
-    with pytest.raises(ValueError, match="top_k must be between 1 and num_branches=4, got 5"):
+    with pytest.raises(ValueError, match=r"--top-k must be between 1 and --num-branches \(4\), got 5"):
         make_method("branchlora", tiny_llava(), r=8, lora_alpha=16, num_branches=4, top_k=5, verbose=False)
 
 

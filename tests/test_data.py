@@ -149,9 +149,9 @@ def _swap_roles(items):
     ("ScienceQA/train.json", lambda items: items[0]["conversations"].insert(1, {"from": "human", "value": "x"}),
      r"item 0 field 'conversations' must alternate"),
     ("Grounding/test.json", lambda items: items[1].update(answer_bbox="n/a"),
-     r"Grounding/test\.json: item 1 field 'answer_bbox' should be four numbers in \[0, 1\].*'n/a'"),
+     r"Grounding/test\.json: item 1 field 'answer_bbox' should be four comma-separated numbers in \[0, 1\].*'n/a'"),
     ("Grounding/test.json", lambda items: items[0].update(answer_bbox="[12, 40, 200, 310]"),
-     r"Grounding/test\.json: item 0 field 'answer_bbox' should be four numbers in \[0, 1\]"),
+     r"Grounding/test\.json: item 0 field 'answer_bbox' should be four comma-separated numbers in \[0, 1\]"),
     ("Grounding/test.json", lambda items: items[0].update(size=[30]), r"item 0 field 'size' should be \[width, height\]"),
     ("GQA/test.json", lambda items: items[0].update(answer=""), r"GQA/test\.json: item 0 field 'answer' is empty"),
 ])

@@ -296,3 +296,9 @@ def test_resume_at_another_worker_count_and_eval_batch_is_the_same_run(a_run, ca
     assert run.main(["--method", "seqlora", *SMOKE, "--out", str(out), "--cache", str(cache), "--resume",
                      "--num-workers", "2", "--eval-batch-size", "5"]) == 0
     assert "resuming after stage 6 of 6" in capsys.readouterr().err
+
+
+def test_the_selector_is_refused_for_a_method_with_one_set_of_parameters(tmp_path, capsys):
+    assert run.main(["--method", "seqlora", *SMOKE, "--task-identity", "selector", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "--task-identity selector: seqlora has no per-task parameters" in err and "branchlora" in err

@@ -531,7 +531,7 @@ def test_custom_tasks_in_the_coin_format(tmp_path):
     mine = tmp_path / "mine"
     for name in ("GQA", "OCRVQA"):
         shutil.copytree(data / "Instructions_Original" / name, mine / ("Colours" if name == "GQA" else name))
-    (mine / "tasks.json").write_text(json.dumps({"Colours": "vqa"}))
+    (mine / "tasks.json").write_text(json.dumps({"Colours": "vqa", "OCRVQA": "exact"}))
     i = args.index("--data-root")
     args = args[:i] + args[i + 2:]
     args[args.index("coin")] = "custom"
