@@ -75,6 +75,9 @@ TRAINING_FLAGS = {
     "num_workers": (NON_NEGATIVE, "DataLoader processes decoding images (the batches do not depend on it)"),
     "projector_lr": (POSITIVE, "the trained projector's learning rate (default: lr)"),
 }
+# What only data the user brings reads (--tasks coin, cvit, custom).
+REAL_DATA_FLAGS = ("data_root", "image_root", "model", "vision_tower", "projector", "tokenizer", "textvqa_answers",
+                   "max_per_task", "max_test_per_task", "device_memory")
 # The other numeric flags' values (a method's own declare theirs on their Option).
 RANGES = {"seed": NON_NEGATIVE, "stage": NON_NEGATIVE, "device_memory": POSITIVE, "max_per_task": COUNT,
           "max_test_per_task": COUNT, "r": COUNT, "lora_alpha": POSITIVE, "dropout": FRACTION,
@@ -238,9 +241,15 @@ def validate(args) -> None:
     if args.preset is not None and not args.tasks.startswith("mini"):
         raise ValueError(f"--preset sizes MiniCoIN and MiniCVIT; --tasks {args.tasks} runs the paper's recipe "
                          "(set its flags one by one instead)")
-    for name in ("max_per_task", "max_test_per_task"):
-        if args.tasks.startswith("mini") and getattr(args, name) is not None:
-            raise ValueError(f"{flag(name)} applies to real data; --tasks {args.tasks} sizes itself by --preset")
+    if args.tasks.startswith("mini"):  # built in: a flag about data the user brings would be ignored
+        given = [name for name in REAL_DATA_FLAGS if getattr(args, name) is not None]
+        if args.instructions != "original":
+            given.append("instructions")
+        if given:
+            raise ValueError(f"{', '.join(flag(n) for n in given)} applies to real data; --tasks {args.tasks} is "
+                             "built in and sizes itself by --preset")
+    elif args.cache is not None:
+        raise ValueError(f"--cache holds MiniCoIN's base model; --tasks {args.tasks} loads --model")
     if (args.tasks == "custom") != (args.task_dir is not None):
         raise ValueError("--tasks custom and --task-dir go together")
     check_hparams(args.method, **method_hparams(args))  # r divisible by N, top-k within N, ...: before loading
@@ -273,6 +282,8 @@ def out_folder(args) -> Path:
 # dtype, batch and workers: how it executes, not what it computes).
 EVALUATE_FLAGS = {"evaluate", "stage", "device", "dtype", "eval_batch_size", "num_workers", "quiet"}
 RESCORE_FLAGS = {"rescore", "quiet"}
+CHECK_FLAGS = {"check_data", "tasks", "data_root", "image_root", "instructions", "textvqa_answers", "task_dir", "method",
+               "quiet"}  # --method too: "check before my run" is how it is typed
 
 
 def given_flags(args) -> set[str]:
@@ -285,11 +296,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        for mode, allowed in (("rescore", RESCORE_FLAGS), ("evaluate", EVALUATE_FLAGS)):
+        for mode, allowed, what in (("rescore", RESCORE_FLAGS, "rebuilds the run from its own command"),
+                                    ("evaluate", EVALUATE_FLAGS, "rebuilds the run from its own command"),
+                                    ("check_data", CHECK_FLAGS, "checks the data and stops")):
             if getattr(args, mode):
                 extra = sorted(given_flags(args) - allowed)
                 if extra:
-                    raise ValueError(f"--{mode} rebuilds the run from its own command and takes "
+                    raise ValueError(f"{flag(mode)} {what} and takes "
                                      f"{', '.join(flag(a) for a in sorted(allowed - {mode}))} only; drop "
                                      f"{', '.join(flag(a) for a in extra)}")
         if args.rescore:
@@ -469,8 +482,6 @@ def build(args, argv: list | None = None) -> Experiment:
 def minicoin_parts(args, device, dtype):
     """A built-in benchmark: its base's folder (stage 1, trained once and cached), the base, tasks,
     collator, and no memory plan."""
-    if any(getattr(args, a) for a in ("data_root", "image_root", "model")):
-        raise ValueError(f"--tasks {args.tasks} is built in: it takes no --data-root, --image-root or --model")
     if dist.is_main():  # stage 1 once; the other processes read the cached base
         pretrain_base(preset_of(args), args.seed, args.cache, device=device, quiet=args.quiet)
     dist.barrier()

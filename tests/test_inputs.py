@@ -302,3 +302,29 @@ def test_the_selector_is_refused_for_a_method_with_one_set_of_parameters(tmp_pat
     assert run.main(["--method", "seqlora", *SMOKE, "--task-identity", "selector", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "--task-identity selector: seqlora has no per-task parameters" in err and "branchlora" in err
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--model", "x"], "--model applies to real data"), (["--tokenizer", "t.json"], "--tokenizer applies to real data"),
+    (["--device-memory", "24"], "--device-memory applies to real data"),
+    (["--instructions", "type2"], "--instructions applies to real data"),
+    (["--vision-tower", "v", "--projector", "p"], "--vision-tower, --projector applies to real data"),
+])
+def test_minicoin_refuses_flags_about_data_the_user_brings(tmp_path, capsys, extra, says):
+    assert run.main(["--method", "seqlora", *SMOKE, *extra, "--out", str(tmp_path / "o")]) == 1
+    assert says in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_real_data_refuses_the_minicoin_cache_flag(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    assert run.main([*args, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 1
+    assert "--cache holds MiniCoIN's base model" in capsys.readouterr().err
+
+
+def test_check_data_refuses_flags_it_would_ignore(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    check = ["--tasks", "coin", "--check-data", "--data-root", str(data), "--image-root", str(images)]
+    assert run.main([*check, "--max-per-task", "1"]) == 1
+    assert "--check-data checks the data and stops and takes" in capsys.readouterr().err
+    assert run.main([*check, "--method", "lilora"]) == 0  # "check before my run"
+    capsys.readouterr()
