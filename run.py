@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--textvqa-answers", type=Path,
                    help="TextVQA_0.5.1_val.json (default: <image-root>/TextVQA/TextVQA_0.5.1_val.json)")
     g.add_argument("--cache", type=Path, help="where the MiniCoIN base model is cached")
+    add_method_and_training_flags(p)
+    return p
+
+
+def add_method_and_training_flags(p) -> None:
     h = p.add_argument_group("method (defaults: the papers'; MiniCoIN scales r to its tiny model)")
     # --lora-r too: under torchrun, --r is read by torchrun itself (a prefix of its --rdzv-* and --role).
     h.add_argument("--r", "--lora-r", dest="r", type=int, help=in_range("the adapters' rank r (128)", COUNT))
@@ -195,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             t.add_argument(flag(f.name), type=int if str(f.type) == "int" else float, help=in_range(text, rng))
-    return p
 
 
 def method_hparams(args) -> dict:
