@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minimcit import distributed as dist
-from minimcit.method import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, UNIT
+from minimcit.method import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, Range
 from minimcit.methods import METHODS, check_hparams, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
@@ -79,7 +79,7 @@ TRAINING_FLAGS = {
 REAL_DATA_FLAGS = ("data_root", "image_root", "model", "vision_tower", "projector", "tokenizer", "textvqa_answers",
                    "max_per_task", "max_test_per_task", "device_memory")
 # The other numeric flags' values (a method's own declare theirs on their Option).
-RANGES = {"seed": NON_NEGATIVE, "stage": NON_NEGATIVE, "device_memory": POSITIVE, "max_per_task": COUNT,
+RANGES = {"seed": Range(0, 2**32 - 1), "stage": NON_NEGATIVE, "device_memory": POSITIVE, "max_per_task": COUNT,
           "max_test_per_task": COUNT, "r": COUNT, "lora_alpha": POSITIVE, "dropout": FRACTION,
           **{name: rng for name, (rng, _) in TRAINING_FLAGS.items() if rng is not None}}
 
@@ -90,6 +90,12 @@ def flag(name: str) -> str:
 
 def in_range(text: str, rng) -> str:
     return f"{text} (in {rng})" if rng is not None else text
+
+
+def out_path(text: str) -> Path:
+    if not text.strip():  # Path("") is the working folder: an unset shell variable would write the run there
+        raise argparse.ArgumentTypeError("--out is empty (an unset shell variable?): name the run's folder")
+    return Path(text)
 
 
 def preset_of(args) -> str:
@@ -130,15 +136,16 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                exit_on_error=exit_on_error)
     p.add_argument("--method", choices=sorted(METHODS))
     p.add_argument("--tasks", choices=["minicoin", "minicvit", "coin", "cvit", "custom"],
                    help="custom: your own tasks in CoIN's file format under --task-dir")
     p.add_argument("--task-order", help="a comma-separated subset or permutation of the benchmark's tasks")
     p.add_argument("--preset", choices=list(PRESETS),
                    help="minicoin/minicvit: the benchmark's size (default: default); real data takes the paper's recipe")
-    p.add_argument("--out", type=Path, help="output folder (default runs/<method>-<tasks>-<preset or paper>)")
+    p.add_argument("--out", type=out_path, help="output folder (default runs/<method>-<tasks>-<preset or paper>)")
     p.add_argument("--seed", type=int, default=0, help=in_range("every random stream of the run (0)", RANGES["seed"]))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda where there is one; under torchrun each process its own)")
@@ -257,6 +264,10 @@ def validate(args) -> None:
     if (args.tasks == "custom") != (args.task_dir is not None):
         raise ValueError("--tasks custom and --task-dir go together")
     check_hparams(args.method, **method_hparams(args))  # r divisible by N, top-k within N, ...: before loading
+    cfg = train_config(args)
+    if args.projector_lr is not None and not cfg.train_projector:
+        raise ValueError("--projector-lr sets the trained projector's rate, but this recipe does not train the "
+                         "projector: add --train-projector, or drop --projector-lr")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -423,17 +434,32 @@ def evaluate_run(out: Path, cli, argv: list) -> int:
     if not isinstance(saved, list):
         raise ValueError(f"{out / 'results.json'} has no 'argv' (written by an older minimcit): --evaluate rebuilds "
                          "the run from it")
-    args = parse_args(saved)
+    try:
+        args, unknown = build_parser(exit_on_error=False).parse_known_args(saved)
+    except argparse.ArgumentError as e:
+        unknown = [str(e)]
+    if unknown:
+        raise ValueError(f"{out / 'results.json'}: its 'argv' is not a command this run.py takes ({' '.join(unknown)}); "
+                         "--evaluate rebuilds the run from it")
+    if args.method is None or args.tasks is None:
+        raise ValueError(f"{out / 'results.json'}: its 'argv' names no --method or --tasks")
     for name in EVALUATE_FLAGS & given_flags(cli) - {"evaluate", "stage"}:  # how it runs here
         setattr(args, name, getattr(cli, name))
+    recorded = results["config"]  # the paths as the run resolved them: --evaluate may run from another folder
+    for option, path in (recorded.get("paths") or {}).items():
+        if path is not None:
+            setattr(args, option[2:].replace("-", "_"), Path(path))
+    if args.model is not None and Path(recorded.get("model", "")).is_absolute():
+        args.model = Path(recorded["model"])
     args.out, args.resume = out, False
+    validate(args)  # the flags given here (--device, --eval-batch-size) as a run's are
     done = stages_done(results)
     stage = done if cli.stage is None else cli.stage
     if not 0 <= stage <= done:
         raise ValueError(f"--stage {stage}: {out} has stages 0..{done} finished")
     exp = build(args, saved)
-    recorded = {k: v for k, v in results["config"].items() if k != "dtype"}
-    diff = first_difference(recorded, {k: v for k, v in new_results(exp)["config"].items() if k != "dtype"})
+    diff = first_difference({k: v for k, v in recorded.items() if k != "dtype"},
+                            {k: v for k, v in new_results(exp)["config"].items() if k != "dtype"})
     if diff is not None:
         setting, old, new = diff
         raise ValueError(f"--evaluate: {setting} was {old!r} when {out} ran, now {new!r}; the saved adapters "
@@ -471,11 +497,15 @@ def build(args, argv: list | None = None) -> Experiment:
         cfg = dataclasses.replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
                                   gradient_checkpointing=plan.gradient_checkpointing,
                                   eval_batch_size=plan.eval_batch_size)
+    positions = model.config.text.max_position_embeddings
+    if cfg.max_new_tokens >= positions:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the model has {positions} positions in all, "
+                         "prompt included")
     model.requires_grad_(False)  # the base is frozen: the method's adapters (and a trained projector) train
     # Adapters built at injection draw from the seed here, whatever ran before (stage 1 on a cache miss).
     torch.manual_seed(args.seed)
     method = make_method(args.method, model, **hp)
-    run_info = {"model": str(model_path), "hparams": hp, "task_identity": identity,
+    run_info = {"model": str(Path(model_path).resolve()), "hparams": hp, "task_identity": identity,
                 "max_per_task": args.max_per_task, "max_test_per_task": args.max_test_per_task,
                 "dtype": dtype_name, **data_description(args, tasks, collator)}
     primary = "robust" if args.tasks.startswith("mini") or args.tasks == "custom" else "official"
@@ -532,10 +562,14 @@ def data_description(args, tasks, collator) -> dict:
     paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
              ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",
               "--task-dir")}
+    images = sorted({str(Path(s.image).resolve()) for t in tasks for s in (*t.train, *t.test) if s.image is not None})
+    sizes = hashlib.sha1("".join(f"{p}\t{Path(p).stat().st_size}\n" for p in images).encode()).hexdigest()[:16]
     return {"instructions": args.instructions,  # the paths, and what is in them
             "paths": {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()},
             "contents": content_fingerprint(tasks, args.model, args.tokenizer or args.model, args.projector,
-                                            args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS)}
+                                            args.textvqa_answers or args.image_root / TEXTVQA_ANSWERS),
+            "images": f"{len(images)} files, sizes {sizes}",  # one stat each: a replaced image is seen, mostly
+            "scorers": {t.name: t.scorer for t in tasks}}
 
 
 def make_collator(tok_path, c, system: str) -> Collator:
@@ -592,14 +626,15 @@ def _digest(path: Path) -> str:
 
 def content_fingerprint(tasks, model: Path, tokenizer: Path, projector: Path | None, textvqa: Path) -> dict:
     """Sizes and hashes of the data files and of the checkpoint's small files (config, index,
-    tokenizer, projector), so a resume over a changed copy is refused; weight files by size."""
+    tokenizer, projector), so a resume over a changed copy is refused; weight files by size. By
+    absolute path, so the same run seen from another working folder (--evaluate) is the same."""
     files = {Path(t.test_file) for t in tasks} | {Path(t.test_file).parent / "train.json" for t in tasks}
     model, tokenizer = Path(model), Path(tokenizer)
     files |= {p for p in (model / "config.json", model / "model.safetensors.index.json",
                           tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer, projector,
                           Path(textvqa)) if p}
-    out = {str(p): _digest(p) for p in sorted(files) if p.is_file()}
-    out.update({str(p): str(p.stat().st_size) for p in sorted(model.glob("*.safetensors"))})
+    out = {str(p.resolve()): _digest(p) for p in sorted(files) if p.is_file()}
+    out.update({str(p.resolve()): str(p.stat().st_size) for p in sorted(model.glob("*.safetensors"))})
     return out
 
 

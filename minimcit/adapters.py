@@ -437,9 +437,10 @@ class LiLoRA(Method):
             raise ValueError(f"--r-task must be at least 1, got {self.r_task}")
         if fixed_alpha is not None and not 0 <= fixed_alpha <= 1:
             raise ValueError(f"--fixed-alpha must be in [0, 1], got {fixed_alpha}")
-        if share_a_only and (fixed_alpha is not None or freeze_basis_after_first_task):
-            raise ValueError("--share-a-only has no basis B0 and no fusion: it takes neither --fixed-alpha "
-                             "nor --freeze-basis-after-first-task")
+        if share_a_only and (fixed_alpha is not None or freeze_basis_after_first_task or r_task is not None
+                             or reg_weight != 1.0):
+            raise ValueError("--share-a-only has no basis B0, no fusion and no task factors: it takes none of "
+                             "--fixed-alpha, --freeze-basis-after-first-task, --r-task, --reg-weight")
         self.share_a_only, self.fixed_alpha = share_a_only, fixed_alpha
         # lambda of L = L_task + lambda L_reg: the paper gives no value; 1.0 is our default (Decision).
         self.reg_weight = reg_weight

@@ -173,6 +173,9 @@ def read_config(path, *, vision_tower=None, image_token_index=None) -> LlavaConf
     if vision_tower is not None:
         return original_config(path, Path(vision_tower), image_token_index)
     raw = read_json(path / "config.json")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object of model settings, got a "
+                         f"{type(raw).__name__}")
     if "vision_config" not in raw:
         raise ValueError(f"{path / 'config.json'}: missing field 'vision_config'; for an original-LLaVA "
                          "LLM folder, give its CLIP folder too (run.py --vision-tower; vision_tower= in Python)")

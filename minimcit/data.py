@@ -162,8 +162,14 @@ def read_textvqa_answers(path: Path) -> dict:
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected TextVQA's {{'data': [...]}} layout")
-    return {str(x["question_id"]): list(x["answers"]) for x in items
-            if isinstance(x, dict) and "question_id" in x and isinstance(x.get("answers"), list)}
+    out = {}
+    for n, x in enumerate(items):
+        if not isinstance(x, dict) or "question_id" not in x or not isinstance(x.get("answers"), list):
+            continue
+        if not all(isinstance(a, str) for a in x["answers"]):
+            raise ValueError(f"{path}: data item {n} field 'answers' should be a list of strings, got {x['answers']!r}")
+        out[str(x["question_id"])] = list(x["answers"])
+    return out
 
 
 def task_folder_root(name: str, data_root: Path, instructions: str = "original") -> Path:
@@ -267,6 +273,14 @@ def custom_task_files(task_dir) -> list[tuple]:
     folders = sorted(p for p in task_dir.iterdir() if (p / "train.json").is_file())
     if not folders:
         raise FileNotFoundError(f"--task-dir {task_dir}: no <Task>/train.json inside")
+    strays = sorted(p.name for p in task_dir.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and not (p / "train.json").is_file())
+    if strays:  # a folder that looks like a task would be left out without a word
+        raise FileNotFoundError(f"--task-dir {task_dir}: {strays} hold no train.json; every folder there is a task")
+    odd = [f.name for f in folders if "," in f.name or f.name != f.name.strip()]
+    if odd:
+        raise ValueError(f"--task-dir {task_dir}: task folder names {odd} contain a comma or surrounding spaces, "
+                         "which --task-order cannot name; rename them")
     unknown = sorted(set(scorers) - {f.name for f in folders})
     if unknown:
         raise ValueError(f"{task_dir / 'tasks.json'} names {unknown}, which have no <Task>/train.json in {task_dir}; "

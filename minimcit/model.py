@@ -117,6 +117,12 @@ class LlavaConfig:
         return cfg
 
     def validate(self, source: str = "config") -> None:
+        for part, c in (("vision_config", self.vision), ("text_config", self.text)):
+            for f in fields(c):  # every size and count: a positive integer, or the model cannot be built
+                value = getattr(c, f.name)
+                if f.name.endswith(("_size", "_layers", "_heads")) and not (
+                        isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                    raise ValueError(f"{source}: field '{part}.{f.name}' should be a positive integer, got {value!r}")
         checks = [
             (self.vision.hidden_act in ACT, "vision_config.hidden_act", self.vision.hidden_act),
             (self.text.hidden_act == "silu", "text_config.hidden_act", self.text.hidden_act),

@@ -73,7 +73,10 @@ class TextTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")
-        self.tok = Tokenizer.from_file(str(file))
+        try:
+            self.tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{file}: not a tokenizer.json the tokenizers library can read ({e})") from None
         special = {}
         cfg = file.parent / "tokenizer_config.json"
         if cfg.is_file():
@@ -99,7 +102,11 @@ class TextTokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """The text of `ids` up to the first eos (generate pads after it), special tokens dropped
+        even where the tokenizer file does not mark them special."""
+        ids = [int(i) for i in ids]
+        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=True)
 
 
 def build_prompt(question: str, answer: str | None = None, with_image: bool = True, system: str = SYSTEM) -> str:

@@ -90,6 +90,8 @@ def read_results(out: Path, purpose: str) -> dict:
     """out/results.json, refused with the reason (and what `purpose` then cannot do) when it is
     missing, unreadable, truncated or not a run's results file."""
     path = out / "results.json"
+    if not out.is_dir():
+        raise ValueError(f"{out} is not a folder: {purpose} needs the folder a run wrote (its --out)")
     try:
         results = json.loads(path.read_text())
     except FileNotFoundError:

@@ -549,11 +549,13 @@ def rescore(out: Path) -> dict:
     predictions, with no model (after a scorer changes, or to check a number). Only the stages
     whose checkpoint was written are rescored: the predictions of a stage killed before its
     checkpoint are left alone, so --resume still continues the run. Takes the run lock."""
+    read_results(out, "--rescore")  # a folder that is not a run's is refused before the lock is taken
     with run_lock(out):
         results = read_results(out, "--rescore")
         tasks, done = results["tasks"], 0
         while done < len(results["stages"]) and (out / "checkpoints" / f"after_stage_{done + 1}.pt").is_file():
             done += 1
+        recorded = stages_done(results)
         base_skipped = all(v is None for v in results["acc_matrix"][0]) if results["acc_matrix"] else False
         results.update({f"acc_matrix{suffix(results['protocol'], p)}": [] for p in PROTOCOLS}, format_matrix=[])
         upto = tasks_answered_per_stage(results["stages"], len(tasks))
@@ -570,6 +572,10 @@ def rescore(out: Path) -> dict:
                     rows[p][j] = scores[p]
                 fmt[j] = f
             add_rows(results, rows, fmt, copies)
+        if done < recorded:
+            print(f"--rescore: {out / 'checkpoints' / f'after_stage_{done + 1}.pt'} is missing, so stages after "
+                  f"{done} are left out (--resume trains them again)", file=sys.stderr)
+        results["complete"] = done == len(results["stages"])
         summarise(results)
         save_results(out, results)
     return results
@@ -591,11 +597,13 @@ def saved_records(path: Path, scoring: dict) -> list[dict]:
     for n, r in enumerate(records):
         if not isinstance(r, dict) or not {"id", "prediction", "gold"} <= set(r):
             raise ValueError(f"{path}, line {n + 1}: a prediction record needs 'id', 'prediction' and 'gold'")
+        gold = r["gold"]
+        if not isinstance(r["prediction"], str) or not (
+                isinstance(gold, str) or (isinstance(gold, list) and all(isinstance(g, str) for g in gold))):
+            raise ValueError(f"{path}, line {n + 1}: 'prediction' should be text and 'gold' text or a list of texts")
     items = scoring.get("items")  # recorded from issue 24 on
     if items is not None and len(records) != items:
         raise ValueError(f"{path} holds {len(records)} predictions but the run's test set had {items} items")
-    if len({str(r["id"]) for r in records}) != len(records):
-        raise ValueError(f"{path}: the same item id appears twice; these are not one run's predictions")
     return records
 
 

@@ -56,11 +56,10 @@ def test_rescore_refuses_predictions_that_are_not_the_recorded_test_set(a_run, c
     assert run.main(["--rescore", str(out)]) == 1
     assert f"{path} holds {len(lines) - 1} predictions but the run's test set had {len(lines)} items" in \
         capsys.readouterr().err
-    path.write_text("\n".join([lines[0], *lines[:-1]]) + "\n")  # a duplicated item
-    before = digest(out)
-    assert run.main(["--rescore", str(out)]) == 1
-    assert "the same item id appears twice" in capsys.readouterr().err
     assert digest(out) == before
+    path.write_text("\n".join([*lines[:-1], lines[-1].replace('"gold": ', '"gold": null, "x": ')]) + "\n")
+    assert run.main(["--rescore", str(out)]) == 1
+    assert "'prediction' should be text and 'gold' text or a list of texts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode,extra,says", [
@@ -328,3 +327,130 @@ def test_check_data_refuses_flags_it_would_ignore(tmp_path, capsys):
     assert "--check-data checks the data and stops and takes" in capsys.readouterr().err
     assert run.main([*check, "--method", "lilora"]) == 0  # "check before my run"
     capsys.readouterr()
+
+
+def test_evaluate_from_another_folder_and_resume_with_absolute_paths(tmp_path, capsys, monkeypatch):
+    data, images, args = coin_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rel = [str(a).replace(str(tmp_path) + "/", "") for a in args]  # the same run, with relative paths
+    assert run.main([*rel, "--out", "out", "--epochs", "0.5"]) == 0
+    monkeypatch.chdir(tmp_path / "coin")  # somewhere else
+    assert run.main(["--evaluate", str(tmp_path / "out"), "--stage", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert run.main([*args, "--out", "out", "--epochs", "0.5", "--resume"]) == 0  # absolute: the same run
+    assert "resuming after stage 8 of 8" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_recorded_command_and_its_own_flags(a_run, capsys):
+    out, _ = a_run
+    before = digest(out)
+    for device, says in (("cuda:3", "--device cuda"), ("gpu", "--device 'gpu' is not a device torch knows")):
+        assert run.main(["--evaluate", str(out), "--device", device]) == 1
+        assert says in capsys.readouterr().err
+    assert run.main(["--evaluate", str(out), "--eval-batch-size", "0"]) == 1
+    assert "--eval-batch-size must be in [1, inf)" in capsys.readouterr().err
+    results, raw = load(out), (out / "results.json").read_bytes()
+    for argv, says in ((["--method", "seqlora", "--bogus"], "its 'argv' is not a command this run.py takes (--bogus)"),
+                       (["--method", "seqlora"], "its 'argv' names no --method or --tasks")):
+        (out / "results.json").write_text(json.dumps({**results, "argv": argv}))
+        assert run.main(["--evaluate", str(out)]) == 1
+        assert says in capsys.readouterr().err
+    (out / "results.json").write_bytes(raw)
+    assert digest(out) == before
+    assert run.main(["--evaluate", str(out / "results.json")]) == 1  # a file, not the folder
+    assert "is not a folder: --evaluate needs the folder a run wrote" in capsys.readouterr().err
+    assert run.main(["--rescore", str(out / "nope")]) == 1
+    assert "is not a folder: --rescore needs the folder a run wrote" in capsys.readouterr().err
+
+
+def test_rescore_with_a_deleted_checkpoint_names_it_and_keeps_the_stages_before(a_run, capsys):
+    out, cache = a_run
+    (out / "checkpoints" / "after_stage_6.pt").unlink()
+    assert run.main(["--rescore", str(out)]) == 0
+    assert "after_stage_6.pt is missing, so stages after 5 are left out" in capsys.readouterr().err
+    r = load(out)
+    assert len(r["acc_matrix"]) == 6 and not r["complete"] and r["summary"] is None
+    assert run.main(["--method", "seqlora", *SMOKE, "--out", str(out), "--cache", str(cache), "--resume"]) == 0
+    assert load(out)["complete"]
+    capsys.readouterr()
+
+
+def test_an_empty_out_is_refused_not_the_working_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run.main(["--method", "seqlora", *SMOKE, "--out", ""])
+    assert e.value.code == 2 and "--out is empty" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 4.29497e+09]"),
+    (["--projector-lr", "0.5"], "--projector-lr sets the trained projector's rate"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000: the model has"),
+])
+def test_flags_that_would_be_ignored_overflow_or_never_end(tmp_path, capsys, finished, extra, says):
+    assert run.main(["--method", "seqlora", *SMOKE, "--cache", str(finished[1]), *extra, "--out", str(tmp_path / "o")]) == 1
+    assert says in capsys.readouterr().err
+
+
+def test_lilora_share_a_only_refuses_the_task_factor_flags(tmp_path, capsys):
+    for extra in (["--r-task", "4"], ["--reg-weight", "5"]):
+        assert run.main(["--method", "lilora", *SMOKE, "--share-a-only", *extra, "--out", str(tmp_path / "o")]) == 1
+        assert "--share-a-only has no basis B0, no fusion and no task factors" in capsys.readouterr().err
+
+
+def test_bad_model_and_tokenizer_files_are_named(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    folder = tmp_path / "ckpt"
+    config = json.loads((folder / "config.json").read_text())
+    for value in (-5, "big"):
+        bad = json.loads(json.dumps(config))
+        bad["text_config"]["hidden_size"] = value
+        (folder / "config.json").write_text(json.dumps(bad))
+        assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+        assert "field 'text_config.hidden_size' should be a positive integer" in capsys.readouterr().err
+    (folder / "config.json").write_text("[1, 2]")
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "config.json: expected a JSON object of model settings, got a list" in capsys.readouterr().err
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = folder / "tokenizer.json"
+    tok.write_text(tok.read_text()[:200])
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "tokenizer.json: not a tokenizer.json the tokenizers library can read" in capsys.readouterr().err
+
+
+def test_textvqa_answers_that_are_not_text_are_found_by_check_data_and_refused(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    path = images / "TextVQA" / "TextVQA_0.5.1_val.json"
+    answers = json.loads(path.read_text())
+    answers["data"][0]["answers"] = [None, 3, ["a"]]
+    path.write_text(json.dumps(answers))
+    assert run.main(["--tasks", "coin", "--check-data", "--data-root", str(data), "--image-root", str(images)]) == 1
+    assert "data item 0 field 'answers' should be a list of strings" in capsys.readouterr().out
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "data item 0 field 'answers' should be a list of strings" in capsys.readouterr().err
+
+
+def test_a_custom_folder_without_train_json_or_with_a_comma_is_named(tmp_path, capsys):
+    mine, images, args = custom(tmp_path)
+    (mine / "Notes").mkdir()
+    (mine / "Notes" / "train.jsonl").write_text("")
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "['Notes'] hold no train.json" in capsys.readouterr().err
+    shutil.rmtree(mine / "Notes")
+    (mine / "GQA").rename(mine / "G,QA")
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "task folder names ['G,QA'] contain a comma" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_replaced_image_and_changed_scorers(tmp_path, capsys):
+    mine, images, args = custom(tmp_path)
+    out = tmp_path / "o"
+    assert run.main([*args, "--out", str(out)]) == 0
+    image = images / "GQA" / "0.jpg"
+    image.write_bytes(image.read_bytes() + b"\0" * 10)  # another image under the same name
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    assert "--resume:" in capsys.readouterr().err
+    image.write_bytes(image.read_bytes()[:-10])
+    (mine / "tasks.json").write_text(json.dumps({"ScienceQA": "letter", "GQA": "caption"}))
+    assert run.main([*args, "--out", str(out), "--resume"]) == 1
+    assert "scorers" in capsys.readouterr().err
