@@ -130,8 +130,10 @@ class Range:
                 and (self.high is None or value < self.high or (value == self.high and not self.open_high)))
 
     def __str__(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        def number(v) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+        low = "-inf" if self.low is None else number(self.low)
+        high = "inf" if self.high is None else number(self.high)
         return f"{'(' if self.open_low or self.low is None else '['}{low}, {high}{')' if self.open_high or self.high is None else ']'}"
 
 

@@ -383,7 +383,7 @@ def test_an_empty_out_is_refused_not_the_working_folder(tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("extra,says", [
-    (["--seed", "99999999999999999999"], "--seed must be in [0, 4.29497e+09]"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295]"),
     (["--projector-lr", "0.5"], "--projector-lr sets the trained projector's rate"),
     (["--max-new-tokens", "100000"], "--max-new-tokens 100000: the model has"),
 ])
