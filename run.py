@@ -521,7 +521,11 @@ def minicoin_parts(args, device, dtype):
     dist.barrier()
     model_path = pretrain_base(preset_of(args), args.seed, args.cache, device=device, quiet=True)
     tasks = order_tasks(minicoin(args.tasks, preset_of(args), args.seed), args.task_order)
-    model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
+    try:
+        model = Llava.from_pretrained(model_path, dtype=dtype, device=device)
+    except (OSError, ValueError) as e:  # a cache entry damaged after it was written
+        raise ValueError(f"the cached MiniCoIN base in {model_path} cannot be loaded ({e}); delete that folder "
+                         "and run again: stage 1 rebuilds it") from None
     # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
     # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).
     return model_path, model, tasks, make_collator(model_path, model.config, ""), None

@@ -148,6 +148,9 @@ def original_config(llm_folder: Path, clip_folder: Path, image_token_index) -> L
     """Assemble a LlavaConfig from an original-LLaVA LLM config and a CLIP config."""
     llm_path, clip_path = llm_folder / "config.json", clip_folder / "config.json"
     llm, clip = read_json(llm_path), read_json(clip_path)
+    if isinstance(llm, dict) and "vision_config" in llm:
+        raise ValueError(f"{llm_path} is a whole LLaVA (it has vision_config), not an original-layout LLM folder: "
+                         "drop --vision-tower and --projector (vision_tower= and projector= in Python)")
     kind = llm.get("mm_projector_type", "mlp2x_gelu")
     if kind != "mlp2x_gelu":
         raise ValueError(f"{llm_path}: mm_projector_type {kind!r} is not supported (only mlp2x_gelu)")

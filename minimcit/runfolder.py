@@ -37,8 +37,8 @@ def run_lock(out: Path):
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise FileExistsError(f"{out} is in use by another run (pid {pid}, see {lock}): wait for it to "
-                                      "finish, or choose another --out") from None
+                raise FileExistsError(f"{out} is in use by another process (pid {pid}, see {lock}): wait for it "
+                                      "to finish (a new run may choose another --out)") from None
             lock.unlink(missing_ok=True)  # left by a run that died: take it over
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))

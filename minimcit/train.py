@@ -470,6 +470,10 @@ def open_results(exp: Experiment, out: Path, resume: bool) -> tuple[dict, int]:
     elif (out / "results.json").is_file():
         raise FileExistsError(f"{out / 'results.json'} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing already written is overwritten)")
+    skipped = bool(results["acc_matrix"]) and all(v is None for v in results["acc_matrix"][0])
+    if done >= 0 and skipped != exp.skip_base:  # row 0 is made (or skipped) as a run starts, not on resume
+        print(f"note: {out} started {'with' if skipped else 'without'} --skip-base-eval; row 0 (the base model) "
+              f"stays {'empty' if skipped else 'as evaluated'}", file=sys.stderr)
     results["plan"] = exp.plan  # this sitting's: a resumed run may run on another device
     results["execution"] = {k: getattr(exp.cfg, k) for k in EXECUTION}
     dist.barrier()  # every process has read the folder before rank 0 writes to it

@@ -454,3 +454,28 @@ def test_resume_refuses_a_replaced_image_and_changed_scorers(tmp_path, capsys):
     (mine / "tasks.json").write_text(json.dumps({"ScienceQA": "letter", "GQA": "caption"}))
     assert run.main([*args, "--out", str(out), "--resume"]) == 1
     assert "scorers" in capsys.readouterr().err
+
+
+def test_resume_says_when_skip_base_eval_no_longer_matches(tmp_path, finished, capsys):
+    out = tmp_path / "skipped"
+    argv = ["--method", "seqlora", *SMOKE, "--cache", str(finished[1]), "--out", str(out)]
+    assert run.main([*argv, "--skip-base-eval"]) == 0
+    assert run.main([*argv, "--resume"]) == 0
+    assert "started with --skip-base-eval; row 0 (the base model) stays empty" in capsys.readouterr().err
+
+
+def test_a_damaged_minicoin_cache_says_to_delete_it(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = ["--method", "seqlora", *SMOKE, "--cache", str(cache), "--out", str(tmp_path / "o")]
+    assert run.main(argv) == 0
+    weights = next(cache.rglob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert run.main([*argv[:-1], str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "the cached MiniCoIN base in" in err and "delete that folder and run again" in err
+
+
+def test_a_llava_hf_folder_with_vision_tower_says_to_drop_it(tmp_path, capsys):
+    data, images, args = coin_run(tmp_path)
+    assert run.main([*args, "--vision-tower", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]) == 1
+    assert "is a whole LLaVA (it has vision_config)" in capsys.readouterr().err

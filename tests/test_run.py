@@ -366,7 +366,7 @@ def test_one_run_per_folder(tmp_path, capsys):
     try:
         (out / "run.lock").write_text(str(other.pid))
         assert run.main([*args, "--out", str(out)]) == 1
-        assert f"in use by another run (pid {other.pid}" in capsys.readouterr().err
+        assert f"in use by another process (pid {other.pid}" in capsys.readouterr().err
         assert not (out / "results.json").exists()
     finally:
         other.kill()
