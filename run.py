@@ -276,6 +276,13 @@ def validate(args) -> None:
         raise ValueError("--device cuda: this torch build sees no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if getattr(args, "use_selector", None) and task_identity(args) != "selector":
+        raise ValueError("--use-selector trains a task selector that oracle identity never asks: add "
+                         "--task-identity selector, or drop --use-selector")
+    for name in ("task_dir", "data_root"):  # a run folder there would become part of the data it reads
+        root = getattr(args, name)
+        if root is not None and args.out is not None and Path(args.out).resolve().is_relative_to(Path(root).resolve()):
+            raise ValueError(f"--out {args.out} is inside {flag(name)} {root}: write the run elsewhere")
     if args.task_identity == "selector" and not METHODS[args.method].task_specific:
         raise ValueError(f"--task-identity selector: {args.method} has no per-task parameters to choose between "
                          "(one set serves every task); the selector applies to "

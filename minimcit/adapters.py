@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .method import COUNT, DORA, NON_NEGATIVE, UNIT, USE_SELECTOR, AdapterLinear, Method, Option, kaiming
+from .method import COUNT, DORA, NON_NEGATIVE, UNIT, USE_SELECTOR, AdapterLinear, Method, Option, Range, kaiming
 from .model import Tokens
 
 # --------------------------------------------------------------------------- LoRA: SeqLoRA, DirLoRA, joint
@@ -284,7 +284,7 @@ class BranchLoRA(Method):
     task_specific = True
     paper_identity = "selector"  # its paper's identity-free protocol
     options = (
-        Option("num_branches", "N branches (8)", int, range=COUNT),
+        Option("num_branches", "N branches (8)", int, range=Range(2)),
         Option("top_k", "branches per token, at most N (2)", int, range=COUNT),
         Option("route", "routing (token)", str, choices=("token", "sequence")),
         Option("freeze_trunk_after_first_task", "the shared A trained on the first task only"),

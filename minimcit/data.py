@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import read_json
+from .metrics import parse_option
 from .official import OFFICIAL_RULES
 from .processing import IGNORE_INDEX, SYSTEM, TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
 
@@ -97,6 +98,8 @@ def _turns(item, path: Path, i: int) -> list[tuple[str, str]]:
     for k, t in enumerate(turns):
         if not isinstance(t.get("value"), str):
             raise ValueError(f"{path}: item {i} turn {k} has no text field 'value'")
+        if t["from"] == "gpt" and not t["value"].strip():
+            raise ValueError(f"{path}: item {i} turn {k} is an empty gpt answer: nothing to learn from")
     return [(_strip_image(turns[k]["value"]), turns[k + 1]["value"]) for k in range(0, len(turns), 2)]
 
 
@@ -136,9 +139,13 @@ def test_sample(item, path: Path, i: int, task: str, scorer: str, image_root: Pa
     answer = _field(item, key, path, i, (str, list))
     if scorer == "box":
         answer = parse_gold_box(answer, path, i)  # a box may be a list of four numbers
-    elif not answer or (isinstance(answer, list) and not all(isinstance(a, str) and a for a in answer)):
-        raise ValueError(f"{path}: item {i} field {key!r} is empty" if not answer else
+    elif not answer or (isinstance(answer, str) and not answer.strip()) or (
+            isinstance(answer, list) and not all(isinstance(a, str) and a.strip() for a in answer)):
+        raise ValueError(f"{path}: item {i} field {key!r} is empty" if not answer or isinstance(answer, str) else
                          f"{path}: item {i} field {key!r} should be a string or a list of non-empty strings")
+    elif scorer == "letter" and parse_option(answer if isinstance(answer, str) else answer[0]) is None:
+        raise ValueError(f"{path}: item {i} field 'answer' should name an option letter for the letter scorer, "
+                         f"got {answer!r}")
     qid = item.get("question_id", i)
     first = answer if isinstance(answer, str) else answer[0]
     answers = None if isinstance(answer, str) else list(answer)
@@ -220,7 +227,7 @@ def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = 
     data_root, image_root = Path(data_root), Path(image_root)
     for p, what in ((data_root, "data root"), (image_root, "image root")):
         if not p.is_dir():
-            raise FileNotFoundError(f"{what} not found: {p}")
+            raise FileNotFoundError(f"{what} is not a folder: {p}" if p.exists() else f"{what} not found: {p}")
     tasks = []
     for task, scorer, folder, test_file, ann in task_files(name, data_root, image_root, instructions,
                                                            textvqa_answers):
@@ -254,9 +261,13 @@ def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_te
     also scored by that task's official rule."""
     image_root = Path(image_root)
     if not image_root.is_dir():
-        raise FileNotFoundError(f"image root not found: {image_root}")
-    return [_load_task(task, scorer, task if task in OFFICIAL_RULES else None, folder, test_file, image_root,
-                       max_per_task, max_test or max_per_task)
+        raise FileNotFoundError(f"image root is not a folder: {image_root}" if image_root.exists() else
+                                f"image root not found: {image_root}")
+    # A task named like a CoIN or CVIT one takes that task's official rule only with that task's scorer:
+    # CoIN's Grounding rule reads a box, whatever a custom "Grounding" holds.
+    known = dict(COIN + CVIT)
+    return [_load_task(task, scorer, task if task in OFFICIAL_RULES and known.get(task) == scorer else None, folder,
+                       test_file, image_root, max_per_task, max_test or max_per_task)
             for task, scorer, folder, test_file, _ in custom_task_files(task_dir)]
 
 

@@ -68,7 +68,8 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0; under torchrun also after the process group is gone (an interrupt's message)."""
+    return (rank() if active() else int(os.environ.get("RANK", 0))) == 0
 
 
 def barrier() -> None:

@@ -479,3 +479,46 @@ def test_a_llava_hf_folder_with_vision_tower_says_to_drop_it(tmp_path, capsys):
     data, images, args = coin_run(tmp_path)
     assert run.main([*args, "--vision-tower", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]) == 1
     assert "is a whole LLaVA (it has vision_config)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--method", "branchlora", "--num-branches", "1", "--top-k", "1"], "--num-branches must be in [2, inf)"),
+    (["--method", "dirlora", "--use-selector", "--task-identity", "oracle"], "--use-selector trains a task selector"),
+])
+def test_method_settings_that_train_nothing_or_are_never_used_are_refused(tmp_path, capsys, extra, says):
+    assert run.main([*SMOKE, *extra, "--out", str(tmp_path / "o")]) == 1
+    assert says in capsys.readouterr().err
+
+
+def test_custom_data_checks_of_the_second_pass(tmp_path, capsys):
+    mine, images, args = custom(tmp_path)
+    assert run.main([*args, "--out", str(mine / "run1")]) == 1  # a run folder inside its own data
+    assert "is inside --task-dir" in capsys.readouterr().err
+    sci = mine / "ScienceQA" / "test.json"
+    _edit(sci, lambda items: items[0].update(answer="thing 0"))  # a letter task whose gold is no letter
+    (mine / "tasks.json").write_text(json.dumps({"ScienceQA": "letter", "GQA": "vqa"}))
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "field 'answer' should name an option letter for the letter scorer, got 'thing 0'" in \
+        capsys.readouterr().err
+    _edit(sci, lambda items: items[0].update(answer="   "))
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "ScienceQA/test.json: item 0 field 'answer' is empty" in capsys.readouterr().err
+    _edit(sci, lambda items: items[0].update(answer="A"))
+    _edit(mine / "GQA" / "train.json", lambda items: items[0]["conversations"][1].update(value=" "))
+    assert run.main([*args, "--out", str(tmp_path / "o")]) == 1
+    assert "GQA/train.json: item 0 turn 1 is an empty gpt answer" in capsys.readouterr().err
+    _edit(mine / "GQA" / "train.json", lambda items: items[0]["conversations"][1].update(value="thing 0"))
+    assert run.main([*args[:args.index("--image-root") + 1], str(tmp_path / "ckpt" / "config.json"),
+                     *args[args.index("--image-root") + 2:], "--out", str(tmp_path / "o")]) == 1
+    assert "image root is not a folder" in capsys.readouterr().err
+
+
+def test_a_custom_task_named_like_a_coin_task_keeps_its_own_scorer(tmp_path, capsys):
+    mine, images, args = custom(tmp_path)
+    (mine / "GQA").rename(mine / "Grounding")  # text answers, under a CoIN box task's name
+    (mine / "tasks.json").write_text(json.dumps({"ScienceQA": "letter", "Grounding": "exact"}))
+    out = tmp_path / "o"
+    assert run.main([*args, "--out", str(out)]) == 0
+    assert load(out)["scoring"]["Grounding"]["official"] is None  # CoIN's box rule not applied to text
+    assert load(out)["scoring"]["ScienceQA"]["official"] == "ScienceQA"  # same scorer: the official rule holds
+    capsys.readouterr()

@@ -415,7 +415,7 @@ def test_out_of_range_flags_are_refused(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.parametrize("method,flags,message", [
-    ("branchlora", ["--num-branches", "0"], "--num-branches must be in [1, inf), got 0"),
+    ("branchlora", ["--num-branches", "0"], "--num-branches must be in [2, inf), got 0"),
     ("branchlora", ["--top-k", "9"], "--top-k must be between 1 and --num-branches (8), got 9"),
     ("branchlora", ["--r", "10"], "--r 10 must split evenly into --num-branches 8"),
     ("moelora", ["--lora-r", "10", "--num-experts", "3"], "--r 10 must split evenly into --num-experts 3"),
