@@ -16,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import custom_task_files, read_json_list, read_textvqa_answers, task_files, test_sample, train_sample
+from .data import (custom_task_files, read_json_list, read_textvqa_answers, require_folder, task_files, test_sample,
+                   train_sample)
 from .metrics import tasks_answered_per_stage
 
 COLUMNS = ["items", "text-only", "bad items", "missing images", "unreadable images", "duplicate ids"]
@@ -74,14 +75,11 @@ def check_benchmark(name: str, data_root, image_root, instructions: str = "origi
                     textvqa_answers=None, task_dir=None) -> tuple[str, list[str], list[str]]:
     """(table, faults, notes) for every task and split of `name` (coin, cvit, or custom from
     `task_dir`); faults make the check fail, notes (e.g. official TextVQA unavailable) do not."""
-    image_root = Path(image_root)
-    roots = ((image_root, "image root"),) if name == "custom" else ((Path(data_root), "data root"),
-                                                                   (image_root, "image root"))
-    for p, what in roots:
-        if not p.is_dir():
-            raise FileNotFoundError(f"{what} not found: {p}")
+    if name != "custom":
+        data_root = require_folder(data_root, "data root")
+    image_root = require_folder(image_root, "image root")
     rows, faults, notes = [], [], []
-    files = custom_task_files(task_dir) if name == "custom" else task_files(name, Path(data_root), image_root,
+    files = custom_task_files(task_dir) if name == "custom" else task_files(name, data_root, image_root,
                                                                              instructions, textvqa_answers)
     for task, scorer, folder, test_file, ann in files:
         by_id = None

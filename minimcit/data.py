@@ -64,6 +64,14 @@ INSTRUCTIONS = {"original": ("Instructions_Original", "Instruction_Original"),
 TEXTVQA_ANSWERS = Path("TextVQA") / "TextVQA_0.5.1_val.json"
 
 
+def require_folder(path, what: str) -> Path:
+    """`path` as a Path, refused unless it is a folder; the message says whether it is missing or a file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} is not a folder: {path}" if path.exists() else f"{what} not found: {path}")
+    return path
+
+
 def read_json_list(path: Path) -> list:
     data = read_json(path)
     if not isinstance(data, list):
@@ -224,10 +232,7 @@ def load_benchmark(name: str, data_root, image_root, max_per_task: int | None = 
     official TextVQA score is unavailable. `max_per_task` caps both splits, `max_test` the test
     split alone."""
     order = {"coin": COIN, "cvit": CVIT}[name]
-    data_root, image_root = Path(data_root), Path(image_root)
-    for p, what in ((data_root, "data root"), (image_root, "image root")):
-        if not p.is_dir():
-            raise FileNotFoundError(f"{what} is not a folder: {p}" if p.exists() else f"{what} not found: {p}")
+    data_root, image_root = require_folder(data_root, "data root"), require_folder(image_root, "image root")
     tasks = []
     for task, scorer, folder, test_file, ann in task_files(name, data_root, image_root, instructions,
                                                            textvqa_answers):
@@ -259,10 +264,7 @@ def load_custom(task_dir, image_root, max_per_task: int | None = None, *, max_te
     ({"Task": "letter" | "vqa" | "substring" | "exact" | "box" | "caption"}) names every task's
     robust scorer (without the file: "exact" for all); a task named like a CoIN or CVIT task is
     also scored by that task's official rule."""
-    image_root = Path(image_root)
-    if not image_root.is_dir():
-        raise FileNotFoundError(f"image root is not a folder: {image_root}" if image_root.exists() else
-                                f"image root not found: {image_root}")
+    image_root = require_folder(image_root, "image root")
     # A task named like a CoIN or CVIT one takes that task's official rule only with that task's scorer:
     # CoIN's Grounding rule reads a box, whatever a custom "Grounding" holds.
     known = dict(COIN + CVIT)
@@ -275,9 +277,7 @@ def custom_task_files(task_dir) -> list[tuple]:
     """Per custom task, as task_files gives them: (name, scorer, folder, test file, None). The names
     in tasks.json and the folders on disk must agree both ways: a typo would score a task by exact
     match without a word."""
-    task_dir = Path(task_dir)
-    if not task_dir.is_dir():
-        raise FileNotFoundError(f"--task-dir not found: {task_dir}")
+    task_dir = require_folder(task_dir, "--task-dir")
     scorers = read_json(task_dir / "tasks.json") if (task_dir / "tasks.json").is_file() else {}
     if not isinstance(scorers, dict) or any(v not in SCORER_NAMES for v in scorers.values()):
         raise ValueError(f"{task_dir / 'tasks.json'}: expected {{task: scorer}} with scorers from {SCORER_NAMES}")
