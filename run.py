@@ -497,17 +497,13 @@ def build(args, argv: list | None = None) -> Experiment:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     if args.tasks.startswith("mini"):
-        model_path, model, tasks, collator, plan = minicoin_parts(args, device, dtype)
+        model_path, model, tasks, collator, plan = minicoin_parts(args, cfg, device, dtype)
     else:
         model_path, model, tasks, collator, plan = real_data_parts(args, hp, cfg, identity, device, dtype)
     if plan is not None:
         cfg = dataclasses.replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum,
                                   gradient_checkpointing=plan.gradient_checkpointing,
                                   eval_batch_size=plan.eval_batch_size)
-    positions = model.config.text.max_position_embeddings
-    if cfg.max_new_tokens >= positions:
-        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the model has {positions} positions in all, "
-                         "prompt included")
     model.requires_grad_(False)  # the base is frozen: the method's adapters (and a trained projector) train
     # Adapters built at injection draw from the seed here, whatever ran before (stage 1 on a cache miss).
     torch.manual_seed(args.seed)
@@ -520,7 +516,16 @@ def build(args, argv: list | None = None) -> Experiment:
                       None if plan is None else plan.to_dict(), argv, args.skip_base_eval, args.quiet)
 
 
-def minicoin_parts(args, device, dtype):
+def check_generation_length(cfg: TrainConfig, c) -> None:
+    """Before the memory plan traces generate and before a checkpoint loads: an answer must fit the
+    model's positions."""
+    positions = c.text.max_position_embeddings
+    if cfg.max_new_tokens >= positions:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the model has {positions} positions in all, "
+                         "prompt included")
+
+
+def minicoin_parts(args, cfg: TrainConfig, device, dtype):
     """A built-in benchmark: its base's folder (stage 1, trained once and cached), the base, tasks,
     collator, and no memory plan."""
     if dist.is_main():  # stage 1 once; the other processes read the cached base
@@ -533,6 +538,7 @@ def minicoin_parts(args, device, dtype):
     except (OSError, ValueError) as e:  # a cache entry damaged after it was written
         raise ValueError(f"the cached MiniCoIN base in {model_path} cannot be loaded ({e}); delete that folder "
                          "and run again: stage 1 rebuilds it") from None
+    check_generation_length(cfg, model.config)
     # MiniCoIN drops vicuna_v1's system line (SPEC §1 keeps it for real data): its base never saw
     # the line, and its 31 tokens were 43% of a sample's and 40% of the run's time (benchmarks/README.md).
     return model_path, model, tasks, make_collator(model_path, model.config, ""), None
@@ -559,6 +565,7 @@ def real_data_parts(args, hp: dict, cfg: TrainConfig, identity: str, device, dty
                                 f"e.g.\n  {shown}\n(run.py --check-data lists every fault)")
     print_data_plan(args, tasks, cfg, identity)
     c = read_config(args.model, vision_tower=args.vision_tower)
+    check_generation_length(cfg, c)
     collator = make_collator(args.tokenizer or args.model, c, SYSTEM)
     plan = memory_plan(args, c, hp, cfg, tasks, collator, device, dtype)
     model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,

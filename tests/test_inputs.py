@@ -522,3 +522,11 @@ def test_a_custom_task_named_like_a_coin_task_keeps_its_own_scorer(tmp_path, cap
     assert load(out)["scoring"]["Grounding"]["official"] is None  # CoIN's box rule not applied to text
     assert load(out)["scoring"]["ScienceQA"]["official"] == "ScienceQA"  # same scorer: the official rule holds
     capsys.readouterr()
+
+
+def test_real_data_refuses_an_answer_past_the_model_before_loading_it(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run.Llava, "from_pretrained", lambda *a, **k: calls.append(a))
+    data, images, args = coin_run(tmp_path)
+    assert run.main([*args, "--max-new-tokens", "100000", "--out", str(tmp_path / "o")]) == 1
+    assert "--max-new-tokens 100000: the model has" in capsys.readouterr().err and not calls
