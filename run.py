@@ -51,10 +51,14 @@ COIN_RECIPE = dict(epochs=1, batch_size=14, grad_accum=64, lr=2e-4, warmup_ratio
 LILORA_RECIPE = dict(epochs=1, batch_size=8, grad_accum=8, lr=2e-5, warmup_ratio=0.03, weight_decay=0.01,
                      train_projector=False, eval_batch_size=16, max_new_tokens=32, group_by_modality_length=True,
                      num_workers=4)
+# SMoLoRA (scripts/SMoLoRA/Train_Eval/*.sh): lr 1e-4, weight decay 0.01, projector not trained (adapted), 8 per
+# device x 2 accumulation steps x 4 GPUs = 64 per step, 1 epoch, warm-up 0.03, cosine. Its adapters on the projector
+# train at 2e-5 there (--mm_projector_lr); here every adapter takes lr.
+SMOLORA_RECIPE = dict(LILORA_RECIPE, lr=1e-4)
 ADAPTER_DROPOUT = 0.05  # on the adapter input, as all three reference codebases train on real data
 
 
-RECIPES = {"coin": COIN_RECIPE, "lilora": LILORA_RECIPE}  # a method names its own (Method.paper_recipe)
+RECIPES = {"coin": COIN_RECIPE, "lilora": LILORA_RECIPE, "smolora": SMOLORA_RECIPE}  # a method names its own (Method.paper_recipe)
 
 
 # The training flags, one per TrainConfig field (default: the benchmark's recipe), with the values

@@ -1,22 +1,22 @@
 """The papers' ablations on MiniCoIN: LiLoRA's Table 2 rows and BranchLoRA's components.
 
-    python benchmarks/ablations.py                 # seed 0, default preset (15 runs of their own, ~40 min on 2 cores)
+    python benchmarks/ablations.py                 # seed 0, default preset (16 runs of their own, ~40 min on 2 cores)
     python benchmarks/ablations.py --seeds 0 1 2   # mean +- standard deviation
     python benchmarks/ablations.py --preset smoke  # seconds, a check of the script itself
     python benchmarks/ablations.py --report-only   # the rows complete so far, running nothing
 
-Runs go to runs/ablations-<tasks>-<preset>[-seed<k>]/<row>/; a complete run is reused, an
-interrupted one resumed, so the table can be built over several sittings. The full methods'
-rows are minicoin_table.py's runs of LiLoRA and BranchLoRA (run here if that table has not yet).
+Runs go to runs/ablations-<tasks>-<preset>[-seed<k>]/<method>-<flags>/; a complete run is reused,
+an interrupted one resumed, so the table can be built over several sittings, and paper_tables.py
+shares the runs it also asks for. The full methods' rows are minicoin_table.py's runs of LiLoRA and
+BranchLoRA (run here if that table has not yet).
 """
 
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.minicoin_table import IDENTITY, METRICS, folder, mean_sd, run_or_reuse, table_args  # noqa: E402
+from benchmarks.minicoin_table import METRICS, mean_sd, run_folder, run_or_reuse, table_args  # noqa: E402
 
 ROWS = [  # (row, method, flags): named after the paper's row or the component removed
     ("LiLoRA (full: share A, decompose B, L_reg, learnable alpha)", "lilora", []),
@@ -26,6 +26,7 @@ ROWS = [  # (row, method, flags): named after the paper's row or the component r
     ("LiLoRA alpha = 0.5", "lilora", ["--fixed-alpha", "0.5"]),
     ("LiLoRA alpha = 1", "lilora", ["--fixed-alpha", "1"]),
     ("LiLoRA B0 frozen after task 1 (released code)", "lilora", ["--freeze-basis-after-first-task"]),
+    ("LiLoRA A frozen after task 1", "lilora", ["--freeze-a-after-first-task"]),
     ("BranchLoRA (full: selector, per-task routers, tuning-freezing, k=2, N=8)", "branchlora",
      ["--task-identity", "selector"]),
     ("BranchLoRA oracle identity", "branchlora", ["--task-identity", "oracle"]),
@@ -41,18 +42,6 @@ ROWS = [  # (row, method, flags): named after the paper's row or the component r
 ]
 
 
-def slug(row: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", row.split(" (")[0].lower()).strip("-")
-
-
-def where(args, row: str, method: str, flags: list, seed: int) -> Path:
-    """A full method's row is minicoin_table.py's run of that method (the same flags and seed),
-    so the two tables share it; every other row has its own folder."""
-    if flags == IDENTITY.get(method, []):
-        return folder(args.out, args.tasks, args.preset, seed) / method
-    return folder(args.out, args.tasks, args.preset, seed, "ablations") / slug(row)
-
-
 def main():
     p = table_args(__doc__)
     p.add_argument("--only", help="rows whose name contains this (e.g. LiLoRA)")
@@ -62,7 +51,7 @@ def main():
     for name, method, flags in rows:
         results[name] = [
             r for s in args.seeds
-            if (r := run_or_reuse(where(args, name, method, flags, s), method, flags, args.tasks, args.preset, s,
+            if (r := run_or_reuse(run_folder(args.out, args.tasks, args.preset, s, method, flags), method, flags, args.tasks, args.preset, s,
                                   args.report_only))]
     print(f"Ablations on MiniCoIN ({args.tasks}, preset {args.preset}), seeds {', '.join(map(str, args.seeds))}\n")
     print("| row | seeds | " + " | ".join(METRICS) + " | selector acc | trainable | total added |")

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run  # noqa: E402
 from benchmarks.bench_bytes import VIEWS  # noqa: E402  (the ops that move no bytes, counted alike)
-from benchmarks.param_table import LLAVA_7B  # noqa: E402
+from benchmarks.param_table import LLAVA_7B, LLAVA_13B  # noqa: E402
 from minimcit.plan import (GiB, Replay, Shape, Tape, build, make_plan, predict_bytes, synthetic_batch,  # noqa: E402
                            tiny_like)
 from minimcit.metrics import tasks_answered_per_stage  # noqa: E402
@@ -48,9 +48,6 @@ from minimcit.train import TrainConfig, autocast  # noqa: E402
 
 aten = torch.ops.aten
 METHODS = ("seqlora", "dirlora", "joint", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "lilora")
-LLAVA_13B = dataclasses.replace(LLAVA_7B, text=dataclasses.replace(
-    LLAVA_7B.text, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-    num_key_value_heads=40, head_dim=None))  # llava-hf/llava-1.5-13b-hf config.json
 TRAIN, PROMPT = Shape(1, 576 + 94 + 30, 30), Shape(1, 576 + 94, 32)
 
 

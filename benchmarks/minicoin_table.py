@@ -14,6 +14,7 @@ oracle task identity, the setting of their papers' upper bounds. Also writes ap_
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -33,6 +34,16 @@ METRICS = ("AP", "MAP", "BWT", "MIF")
 def folder(root: Path, tasks: str, preset: str, seed: int, table: str = "table") -> Path:
     """Where one table's runs at one seed live: runs/<table>-<tasks>-<preset>[-seed<k>]."""
     return root / (f"{table}-{tasks}-{preset}" + ("" if seed == 0 else f"-seed{seed}"))
+
+
+def run_folder(root: Path, tasks: str, preset: str, seed: int, method: str, flags: list) -> Path:
+    """Where a run of `method` with `flags` lives, named by what it runs so that every table asking
+    for the same run shares it: this table's runs in runs/table-*/<method>, the others in
+    runs/ablations-*/<method>-<flags>."""
+    if flags == IDENTITY.get(method, []):
+        return folder(root, tasks, preset, seed) / method
+    name = "-".join([method, *(f.lstrip("-") for f in flags)])
+    return folder(root, tasks, preset, seed, "ablations") / re.sub(r"[^A-Za-z0-9.]+", "-", name)
 
 
 def run_or_reuse(out: Path, method: str, flags: list, tasks: str, preset: str, seed: int,

@@ -1,10 +1,11 @@
-"""Parameter accounting on the LLaVA-1.5-7B shape (meta device: no memory), next to the papers.
+"""Parameter accounting on the LLaVA-1.5-7B and -13B shapes (meta device: no memory), next to the papers.
 
     python benchmarks/param_table.py
 
 "MiB" = parameters x 2 bytes / 2^20, the unit that reproduces LiLoRA's Table 2 ("MB").
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,26 +17,44 @@ LLAVA_7B = LlavaConfig(
     vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                         image_size=336, patch_size=14),
     text=TextConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5))
-PROJECTOR = (1024 * 4096 + 4096) + (4096 * 4096 + 4096)  # mlp2x_gelu, trained in CoIN, not an adapter
+LLAVA_13B = dataclasses.replace(LLAVA_7B, text=dataclasses.replace(
+    LLAVA_7B.text, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+    num_key_value_heads=40, head_dim=None))  # llava-hf/llava-1.5-13b-hf config.json
 M, MIB = 1e6, lambda n: n * 2 / 2**20  # noqa: E731
+# The papers' figures (None: not given). BranchLoRA's are trainable counts with the projector (which CoIN
+# trains fully); LiLoRA's are TP and EP in its Table 2's "MB" (= MiB of bf16).
+PAPER = {"7B": {"moelora": 350, "branchlora": 222, "lilora": (985.1, 104.6), "dirlora": (2143.9, 357.3)},
+         "13B": {}}
+
+
+def projector(config) -> int:
+    """mlp2x_gelu's parameters: trained in CoIN, not an adapter (SPEC §5)."""
+    v, d = config.vision.hidden_size, config.text.hidden_size
+    return (v * d + d) + (d * d + d)
 
 
 def main():
-    print("BranchLoRA vs MoELoRA: trainable parameters while the first CoIN task trains "
-          "(all seven LLM linears, r=128, N=8, k=2)")
-    print(f"{'method':12s} {'adapters+routers':>17s} {'+ projector':>12s} {'paper':>7s}")
-    for method, paper in (("moelora", 350), ("branchlora", 222)):
-        rep = parameter_report(LLAVA_7B, method, 8)
-        print(f"{method:12s} {rep['trainable'] / M:16.1f}M {(rep['trainable'] + PROJECTOR) / M:11.1f}M {paper:6d}M")
-    print(f"(projector: {PROJECTOR / M:.1f}M; BranchLoRA's trainable count includes one router and the two "
-          "selector keys of task 1)")
+    for size, config in (("7B", LLAVA_7B), ("13B", LLAVA_13B)):
+        paper = PAPER[size]
+        print(f"LLaVA-1.5-{size}. BranchLoRA vs MoELoRA: trainable parameters while the first CoIN task trains "
+              "(all seven LLM linears, r=128, N=8, k=2)")
+        print(f"{'method':12s} {'adapters+routers':>17s} {'+ projector':>12s} {'paper':>7s}")
+        for method in ("moelora", "branchlora"):
+            rep = parameter_report(config, method, 8)
+            print(f"{method:12s} {rep['trainable'] / M:16.1f}M {(rep['trainable'] + projector(config)) / M:11.1f}M "
+                  f"{paper.get(method, '-'):>6}{'M' if method in paper else ' '}")
+        print(f"(projector: {projector(config) / M:.1f}M; BranchLoRA's trainable count includes one router and the "
+              "two selector keys of task 1)")
 
-    print("\nLiLoRA vs DirLoRA on 6 CVIT tasks (FFN linears + both projector linears, r=128, r~=64)")
-    print(f"{'method':10s} {'TP (MiB)':>9s} {'paper':>7s} {'EP (MiB)':>9s} {'paper':>7s} {'TP params':>10s}")
-    for method, tp, ep in (("lilora", 985.1, 104.6), ("dirlora", 2143.9, 357.3)):
-        rep = parameter_report(LLAVA_7B, method, 6, target="ffn+projector")
-        print(f"{method:10s} {MIB(rep['total_added']):9.1f} {tp:7.1f} {MIB(rep['per_task']):9.1f} {ep:7.1f} "
-              f"{rep['total_added'] / M:9.1f}M")
+        print(f"\nLLaVA-1.5-{size}. LiLoRA vs DirLoRA on 6 CVIT tasks (FFN linears + both projector linears, r=128, "
+              "r~=64)")
+        print(f"{'method':10s} {'TP (MiB)':>9s} {'paper':>7s} {'EP (MiB)':>9s} {'paper':>7s} {'TP params':>10s}")
+        for method in ("lilora", "dirlora"):
+            rep = parameter_report(config, method, 6, target="ffn+projector")
+            tp, ep = paper.get(method, ("-", "-"))
+            print(f"{method:10s} {MIB(rep['total_added']):9.1f} {tp:>7} {MIB(rep['per_task']):9.1f} {ep:>7} "
+                  f"{rep['total_added'] / M:9.1f}M")
+        print()
 
 
 if __name__ == "__main__":

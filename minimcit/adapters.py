@@ -5,6 +5,7 @@ across tasks, in SPEC §2's order:
     MoELoRALinear    y = W0 x + s sum_n softmax(R x)_n B_n A_n x    MoELoRA (CoIN)
     BranchLoRALinear y = W0 x + s sum_{n in topk} g_n B_n (A x)     BranchLoRA
     LiLoRALinear     y = W0 x + s (a_t B0 + (1 - a_t) B~_t A~_t) A x  LiLoRA (LiLoRA Eq. 5-8)
+    SMoLoRALinear    y = W0 x + a_v v + a_u u, v and u each one top-1 expert  SMoLoRA (LiLoRA's Table 1)
 
 with s = lora_alpha / r. The layer base class, injection by full module name and the task life
 cycle every method follows are in method.py.
@@ -125,6 +126,9 @@ def _check_split(r: int, n: int, what: str) -> None:
                          "asserts")
 
 
+NUM_EXPERTS = Option("num_experts", "N experts (8; smolora: half visual, half instruction)", int, range=COUNT)
+
+
 class MoELoRALinear(AdapterLinear):
     """CoIN's MoELoRA: N experts of rank r/N, dense per-token softmax router, s = alpha / r."""
 
@@ -189,7 +193,7 @@ def expert_dropout(x, A, n: int, p: float):
 class MoELoRA(Method):
     """CoIN's MoELoRA: shared router, all experts trained on every task."""
 
-    options = (Option("num_experts", "N experts (8)", int, range=COUNT),)
+    options = (NUM_EXPERTS,)
 
     def __init__(self, model, *, num_experts: int = 8, **kw):
         _check_split(kw.get("r", 128), num_experts, "num_experts")
@@ -424,14 +428,16 @@ class LiLoRA(Method):
         Option("r_task", "r~ (r/2)", int, range=COUNT),
         Option("reg_weight", "lambda of L_reg (1.0)", float, range=NON_NEGATIVE),
         Option("freeze_basis_after_first_task", "B0 trained on the first task only, as its released code"),
+        Option("freeze_a_after_first_task", "ablation: the shared A trained on the first task only (as BranchLoRA's "
+               "--freeze-trunk-after-first-task)"),
         USE_SELECTOR,
         Option("share_a_only", "ablation, Table 2's 'Share A' row: a full B_t per task, no basis or fusion"),
         Option("fixed_alpha", "ablation, Table 2: alpha fixed at 0, 0.5 or 1", float, range=UNIT),
     )
 
     def __init__(self, model, *, r_task: int | None = None, reg_weight: float = 1.0,
-                 freeze_basis_after_first_task: bool = False, share_a_only: bool = False,
-                 fixed_alpha: float | None = None, **kw):
+                 freeze_basis_after_first_task: bool = False, freeze_a_after_first_task: bool = False,
+                 share_a_only: bool = False, fixed_alpha: float | None = None, **kw):
         self.r_task = r_task or kw.get("r", 128) // 2  # r~ = r / 2 by default
         if self.r_task < 1:
             raise ValueError(f"--r-task must be at least 1, got {self.r_task}")
@@ -445,6 +451,7 @@ class LiLoRA(Method):
         # lambda of L = L_task + lambda L_reg: the paper gives no value; 1.0 is our default (Decision).
         self.reg_weight = reg_weight
         self.freeze_basis_after_first_task = freeze_basis_after_first_task
+        self.freeze_a_after_first_task = freeze_a_after_first_task
         super().__init__(model, **kw)
 
     def make_layer(self, base):
@@ -455,6 +462,8 @@ class LiLoRA(Method):
     def add_task_parameters(self, t):
         for layer in self.layers:
             layer.add_task()
+            # Where shared-A methods forget (benchmarks/README.md): A frozen once task 1 has shaped it.
+            layer.lora_A.requires_grad_(not (self.freeze_a_after_first_task and t > 0))
             if not self.share_a_only:
                 # The released code trains B0 on the first task only; the paper's Algorithm 1 on every task.
                 layer.lora_B0.requires_grad_(not (self.freeze_basis_after_first_task and t > 0))
@@ -464,3 +473,96 @@ class LiLoRA(Method):
             reg = sum(layer.reg_loss() for layer in self.layers)  # L_reg summed over layers (Decision)
             return self.reg_weight * reg  # LiLoRA Eq. 8: L = L_task + lambda L_reg
         return None
+
+
+# --------------------------------------------------------------------------- SMoLoRA
+
+
+class SMoLoRALinear(AdapterLinear):
+    """SMoLoRA (Wang et al. 2024, arXiv 2411.13949), re-expressed from its code,
+    Minato-Zackie/SMoLoRA PEFT_SMoLoRA/peft/tuners/smolora.py (line numbers below): N experts
+    B_n A_n of rank r/N, s = alpha / r (r the total rank, L292). Experts 0..N/2-1, the visual half,
+    are routed top-1 per sequence by R_v(mean of x over the sequence) (L425-429); experts N/2..N-1,
+    the instruction half, top-1 by R_i(e_ins) (L432-436). The two halves' outputs v and u are mixed
+    per token by softmax([w_a . v, w_b . u]) (L462-474):
+        y = W0 x + b + a_v v + a_u u,   v = s B_i A_i drop_i(x),   u = s B_j A_j drop_j(x)."""
+
+    def __init__(self, base, r: int, alpha: float, num_experts: int, instruction_dim: int):
+        super().__init__(base, r, alpha)
+        self.num_experts, self.r_e = num_experts, r // num_experts
+        half = num_experts // 2
+        # The N experts' A_n (r/N, in) stacked row-wise, normal std 0.01; B_n (out, r/N) column-wise, zeros (L300-302).
+        self.lora_A = self.zeros(num_experts * self.r_e, self.in_features)
+        nn.init.normal_(self.lora_A, std=0.01)
+        self.lora_B = self.zeros(self.out_features, num_experts * self.r_e)
+        # The routers keep nn.Linear's default init (L328, L331) and are never trained: the code marks them
+        # trainable on the first task only (L339-350), but a hard one-hot top-1 (zeros + scatter of 1.0, L426-436)
+        # sends them no gradient, so they stay where init put them on every task. Frozen here from the start:
+        # the same routing, and no tensor an optimiser holds for nothing.
+        self.router_visual = kaiming(self.zeros(half, self.in_features)).requires_grad_(False)  # R_v (N/2, in)
+        self.router_instruction = kaiming(self.zeros(half, instruction_dim)).requires_grad_(False)  # R_i (N/2, C)
+        # w_a, w_b: Linear(out, 1, bias=False) each (L333, L335), nn.Linear's default init; trained on every task.
+        self.mix_visual = kaiming(self.zeros(1, self.out_features))
+        self.mix_instruction = kaiming(self.zeros(1, self.out_features))
+
+    def routes(self, x, tokens: Tokens):  # -> one-hot (B, 1, N): one visual and one instruction expert per row
+        half = self.num_experts // 2
+        if tokens.decoding:  # Decision: a generation step keeps its prompt's visual expert (see SMoLoRA)
+            visual = tokens.memory[id(self)]
+        else:
+            # Mean of x over the sequence (L425). Decision: over the real tokens only; the code's mean takes in
+            # the padding too, which makes a sample's expert depend on what it is batched with.
+            w = torch.ones(x.shape[:2], device=x.device) if tokens.mask is None else tokens.mask.float()
+            mean = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, in)
+            visual = F.one_hot(F.linear(mean, self.router_visual).argmax(-1), half)  # (B, N/2)
+            tokens.memory[id(self)] = visual
+        if tokens.instruction is None:
+            raise ValueError("SMoLoRA routes by the instruction: call the model with instruction_mask")
+        instruction = F.one_hot(F.linear(tokens.instruction, self.router_instruction).argmax(-1), half)  # (B, N/2)
+        return torch.cat([visual, instruction], -1)[:, None].to(x.dtype)  # (B, 1, N), no gradient (L439)
+
+    def update(self, x, tokens=None):
+        tokens = Tokens() if tokens is None else tokens
+        g = self.routes(x, tokens)  # (B, 1, N) one-hot
+        if self.dropout and self.training:  # the code draws each expert's dropout mask on its own (L443-457)
+            a = expert_dropout(x, self.lora_A, self.num_experts, self.dropout)  # (B, T, N, r/N): A_n drop_n(x)
+        else:
+            a = F.linear(x, self.lora_A).unflatten(-1, (self.num_experts, self.r_e))  # (B, T, N, r/N)
+        h = (self.scaling * g[..., None] * a).flatten(-2)  # (B, T, N r/N): s A_n x where expert n is chosen, else 0
+        k = self.num_experts // 2 * self.r_e
+        h_v, h_u = h[..., :k], h[..., k:]  # v = h_v B_v^T, u = h_u B_u^T
+        # w_a . v = h_v (w_a B_v)^T: the scores from (1, k) vectors, without v and u in full (out wide)
+        scores = torch.cat([F.linear(h_v, self.mix_visual @ self.lora_B[:, :k]),
+                            F.linear(h_u, self.mix_instruction @ self.lora_B[:, k:])], -1)  # (B, T, 2)
+        mix = scores.softmax(-1)  # (B, T, 2): a_v, a_u per token (L465-466)
+        # a_v v + a_u u = [B_v | B_u] (a_v h_v ; a_u h_u): one GEMM for both halves
+        return torch.cat([mix[..., :1] * h_v, mix[..., 1:] * h_u], -1), self.lora_B
+
+
+class SMoLoRA(Method):
+    """SMoLoRA: separable visual and instruction experts, top-1 each, mixed per token; one set of
+    tensors trained on every task (its routers never learn: see SMoLoRALinear).
+
+    Decision (SPEC §2): the code's e_ins is a 384-d all-MiniLM-L6-v2 sentence embedding of the task's
+    instruction template, one fixed row per task picked by the task id (scripts/SMoLoRA/ins_gen.py,
+    `ins_type`). That encoder cannot be downloaded here, so e_ins is each sample's mean frozen LLM
+    input embedding over its instruction span, the selector's e_txt (Llava.instruction_embedding):
+    no task id is needed at test time. Decision: a generation step keeps the visual expert its prompt
+    chose; the code re-routes each new token on its own x alone (x is one token wide there), which
+    its training never sees."""
+
+    default_target = "ffn+projector"  # gate/up/down and both projector linears (train_SMoLoRA.py L177-202)
+    paper_recipe = "smolora"
+    options = (NUM_EXPERTS,)
+
+    def __init__(self, model, *, num_experts: int = 8, **kw):
+        if num_experts % 2:
+            raise ValueError(f"--num-experts must be even for smolora (half visual, half instruction), got "
+                             f"{num_experts}")
+        _check_split(kw.get("r", 128), num_experts, "num_experts")
+        self.num_experts = num_experts
+        self.instruction_dim = model.config.text.hidden_size
+        super().__init__(model, **kw)
+
+    def make_layer(self, base):
+        return SMoLoRALinear(base, self.r, self.lora_alpha, self.num_experts, self.instruction_dim)

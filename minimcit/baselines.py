@@ -141,7 +141,7 @@ class LwF(SeqLoRA):
         try:
             with torch.no_grad():
                 return self.model.answer_logits(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                                batch["labels"])[0]
+                                                batch["labels"], instruction_mask=batch["instruction_mask"])[0]
         finally:
             self.use_task(0)
             self.model.train(was_training)

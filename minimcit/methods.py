@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import BranchLoRA, DirLoRA, Joint, LiLoRA, MoELoRA, SeqLoRA
+from .adapters import BranchLoRA, DirLoRA, Joint, LiLoRA, MoELoRA, SeqLoRA, SMoLoRA
 from .baselines import EWC, OLoRA, LwF, Replay
 from .method import Method
 from .model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 METHODS = {"seqlora": SeqLoRA, "dirlora": DirLoRA, "joint": Joint, "moelora": MoELoRA,
-           "branchlora": BranchLoRA, "lilora": LiLoRA,
+           "branchlora": BranchLoRA, "lilora": LiLoRA, "smolora": SMoLoRA,
            "replay": Replay, "ewc": EWC, "lwf": LwF, "olora": OLoRA}
 
 

@@ -253,12 +253,12 @@ class Projector(nn.Module):
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
-        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_1 = Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
         self.act = ACT[cfg.projector_hidden_act]
-        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
 
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+    def forward(self, x, tokens=None):  # tokens: the images' Tokens (one row per image), for adapters
+        return self.linear_2(self.act(self.linear_1(x, tokens)), tokens)
 
 
 # --------------------------------------------------------------------------- language model (LLaMA)
@@ -274,6 +274,9 @@ class Tokens:
     decoding: bool = False  # a generation step after the prompt: one new token per row
     memory: dict = field(default_factory=dict)  # what a layer decided on the prompt, for the steps after it
     recomputing: bool = False  # True while gradient checkpointing recomputes a layer in the backward
+    # (B, C) float32: each row's mean input embedding over its instruction span (the selector's e_txt), for
+    # an adapter routed by the instruction (SMoLoRA); None when the call was given no instruction_mask.
+    instruction: torch.Tensor | None = None
 
     @contextmanager
     def recompute(self):
@@ -450,16 +453,17 @@ class Llava(nn.Module):
         return load_llava(cls, path, vision_tower=vision_tower, projector=projector,
                           image_token_index=image_token_index, dtype=dtype, device=device)
 
-    def image_features(self, pixel_values):  # (N, 3, H, W) -> (N, P, C_text)
+    def image_features(self, pixel_values, tokens: Tokens | None = None):  # (N, 3, H, W) -> (N, P, C_text)
         c = self.config
         h = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype), c.vision_feature_layer)  # (N, P+1, C_vis)
         if c.vision_feature_select_strategy == "default":
             h = h[:, 1:]  # drop CLS
-        return self.multi_modal_projector(h)
+        return self.multi_modal_projector(h, tokens)
 
-    def embed(self, input_ids, pixel_values=None):
+    def embed(self, input_ids, pixel_values=None, tokens: Tokens | None = None):
         """Token embeddings with each image's projected features written, in order, at the
-        positions holding image_token_index."""
+        positions holding image_token_index. `tokens`: the call's, whose rows the projector's
+        adapters see again one per image."""
         is_image = input_ids == self.config.image_token_index  # (B, T)
         # The original layout's -200 is not a row of the table: look up a dummy row there.
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
@@ -468,28 +472,50 @@ class Llava(nn.Module):
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
             return x
-        feats = self.image_features(pixel_values)  # (N, P, C)
+        image_tokens = None
+        if tokens is not None and tokens.instruction is not None:  # each image's row: its sample's instruction
+            per_row = is_image.sum(1) // max(n_slots // len(pixel_values), 1)  # images in each row
+            image_tokens = Tokens(instruction=tokens.instruction.repeat_interleave(per_row, dim=0))
+        feats = self.image_features(pixel_values, image_tokens)  # (N, P, C)
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "
                              f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} features")
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None):
-        """Logits (B, T, V). `attention_mask` (B, T) marks real tokens; left or right padding."""
-        x = self.embed(input_ids, pixel_values)
+    def instruction_embedding(self, input_ids, instruction_mask):  # -> (B, C) float32, no gradient
+        """Each row's mean input embedding over the tokens `instruction_mask` marks: the selector's
+        e_txt and SMoLoRA's instruction embedding (both Decisions, SPEC §2)."""
+        with torch.no_grad():
+            is_image = input_ids == self.config.image_token_index
+            emb = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0)).float()  # (B, T, C)
+            keep = instruction_mask.to(emb.dtype)[..., None]  # (B, T, 1)
+            return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+    def tokens(self, input_ids, attention_mask=None, instruction_mask=None) -> Tokens:
+        """The call's Tokens: its real tokens and, given the instruction span, each row's instruction."""
+        return Tokens(mask=None if attention_mask is None else attention_mask.bool(),
+                      instruction=None if instruction_mask is None else
+                      self.instruction_embedding(input_ids, instruction_mask))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, instruction_mask=None):
+        """Logits (B, T, V). `attention_mask` (B, T) marks real tokens; left or right padding.
+        `instruction_mask` (B, T): the instruction span, for adapters routed by it (else unused)."""
+        tokens = self.tokens(input_ids, attention_mask, instruction_mask)
+        x = self.embed(input_ids, pixel_values, tokens)
         positions = _positions(attention_mask, input_ids)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1], 0)
-        return self.lm_head(self.language_model(x, positions, mask, tokens=_tokens(attention_mask)))
+        return self.lm_head(self.language_model(x, positions, mask, tokens=tokens))
 
     def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
-                      checkpointing: bool = False):
+                      checkpointing: bool = False, instruction_mask=None):
         """Logits (n, V) at the n positions whose next token is labelled, and those tokens (n,).
         lm_head runs only there: in LLaVA data most positions are prompt and image tokens, so
         this skips most of the vocabulary projection. `checkpointing`: LlamaModel.forward's."""
-        x = self.embed(input_ids, pixel_values)
+        tokens = self.tokens(input_ids, attention_mask, instruction_mask)
+        x = self.embed(input_ids, pixel_values, tokens)
         h = self.language_model(x, _positions(attention_mask, input_ids),
                                 attention_mask_4d(attention_mask, input_ids.shape[1], 0),
-                                tokens=_tokens(attention_mask), checkpointing=checkpointing)  # (B, T, C)
+                                tokens=tokens, checkpointing=checkpointing)  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
         keep = target != IGNORE_INDEX
         return self.lm_head(h[:, :-1][keep]), target[keep]  # (n, V), (n,)
@@ -502,7 +528,7 @@ class Llava(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
-                 eos_token_id: int | None = -1, pad_token_id: int | None = None):
+                 eos_token_id: int | None = -1, pad_token_id: int | None = None, instruction_mask=None):
         """Greedy decoding with a KV cache over a left-padded batch -> new token ids (B, n <= max_new_tokens).
         A row that emits eos is padded with pad_token_id after it; decoding stops when all have.
         eos_token_id=-1 means the config's eos, None means never stop early."""
@@ -518,8 +544,8 @@ class Llava(nn.Module):
         mask2d = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens).bool()], dim=1)
         positions = _positions(attention_mask, input_ids)  # (B, T)
 
-        prompt = Tokens(mask=attention_mask.bool())
-        h = self.language_model(self.embed(input_ids, pixel_values), positions,
+        prompt = self.tokens(input_ids, attention_mask, instruction_mask)
+        h = self.language_model(self.embed(input_ids, pixel_values, prompt), positions,
                                 attention_mask_4d(attention_mask, T, 0), cache, prompt)
         next_tok = self.lm_head(h[:, -1]).argmax(-1)  # (B,)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -532,15 +558,12 @@ class Llava(nn.Module):
                 break
             positions = positions[:, -1:] + 1  # (B, 1)
             mask = mask2d[:, None, None, :cache.pos + 1]  # (B, 1, 1, S): the new token sees every real key
-            step_tokens = Tokens(decoding=True, memory=prompt.memory)  # the prompt's routing decisions stand
+            # The prompt's routing decisions stand, and its rows' instructions.
+            step_tokens = Tokens(decoding=True, memory=prompt.memory, instruction=prompt.instruction)
             h = self.language_model(self.language_model.embed_tokens(next_tok[:, None]), positions, mask, cache,
                                     step_tokens)
             next_tok = self.lm_head(h[:, -1]).argmax(-1)
         return torch.stack(out, dim=1)
-
-
-def _tokens(attention_mask) -> Tokens:
-    return Tokens(mask=None if attention_mask is None else attention_mask.bool())
 
 
 def _positions(attention_mask, input_ids):

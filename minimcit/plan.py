@@ -221,7 +221,7 @@ def _generate(model, m, b, max_new: int):
     merged = m.mergeable  # a merged layer costs what the plain base costs
     with (m.base_model() if merged else nullcontext()), autocast("cpu", model):
         model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=max_new,
-                       eos_token_id=None)
+                       eos_token_id=None, instruction_mask=b["instruction_mask"])
 
 
 def predict_bytes(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int = 1,

@@ -58,7 +58,5 @@ def sample_embeddings(model, input_ids, pixel_values, instruction_mask):
         if pixel_values is not None:
             hidden = model.vision_tower(pixel_values.to(model.lm_head.weight.dtype), c.vision_feature_layer)
             e_img[is_image.any(1)] = hidden[:, 1:].float().mean(1)  # mean over patches, CLS excluded
-        emb = model.language_model.embed_tokens(input_ids.masked_fill(is_image, 0)).float()  # (B, T, Ct)
-        keep = instruction_mask.to(emb.dtype)[..., None]  # (B, T, 1)
-        e_txt = (emb * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, Ct)
+        e_txt = model.instruction_embedding(input_ids, instruction_mask)  # (B, Ct)
     return e_img, e_txt

@@ -130,7 +130,7 @@ def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: 
     on the device. benchmarks/bench_7b.py and minimcit/plan.py measure this very function."""
     with autocast(device, model):
         logits, target = model.answer_logits(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"],
-                                             checkpointing=checkpointing)
+                                             checkpointing=checkpointing, instruction_mask=b["instruction_mask"])
         task_loss = F.cross_entropy(logits.float(), target, reduction="sum") / n_tokens  # each answer token once
         extra = method.extra_loss(b, task, logits) if method else None  # LwF reads the student's logits
         extra = task_loss.new_zeros(()) if extra is None else extra / n_micro
@@ -315,7 +315,7 @@ def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainC
         with autocast(device, model):
             new_ids = model.generate(b["input_ids"], b["pixel_values"], b["attention_mask"],
                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=collator.tok.eos_id,
-                                     pad_token_id=collator.tok.pad_id)
+                                     pad_token_id=collator.tok.pad_id, instruction_mask=b["instruction_mask"])
         return [collator.tok.decode(ids).strip() for ids in new_ids.tolist()]
 
     preds = [None] * len(samples)

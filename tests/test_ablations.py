@@ -3,6 +3,7 @@ checked against its definition by hand."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_adapters import randomise, tiny_config, tiny_llava
 
 from minimcit.adapters import SharedALinear
@@ -81,3 +82,43 @@ def test_branchlora_shared_router_is_one_router_trained_on_every_task():
     per_task.start_task(0)
     per_task.start_task(1)
     assert len(per_task.layers[0].routers) == 2 and not per_task.layers[0].routers[0].requires_grad
+
+
+def test_branchlora_dense_shared_router_is_moelora_on_one_shared_a():
+    """The cumulative ablation's "+ shared A" row (top-k = N, one shared router): by hand,
+    y = W0 x + s sum_n softmax(R x)_n B_n (A x), every branch weighted, one A for all."""
+    m = make_method("branchlora", tiny_llava(), r=8, lora_alpha=16, num_branches=4, top_k=4, shared_router=True,
+                    tuning_freezing=False, use_selector=False, verbose=False)
+    m.start_task(0)
+    layer = m.layers[0]
+    randomise([layer.lora_A, layer.routers[0], *layer.lora_B])
+    x = torch.randn(2, 3, layer.in_features)
+    g = (x @ layer.routers[0].T).softmax(-1)  # (2, 3, 4) dense
+    a = x @ layer.lora_A.T  # (2, 3, 2)
+    hand = F.linear(x, layer.weight, layer.bias) + 2.0 * sum(g[..., n:n + 1] * (a @ layer.lora_B[n].T) for n in range(4))
+    torch.testing.assert_close(layer(x), hand)
+    m.end_task(0)
+    m.start_task(1)
+    assert all(b.requires_grad for b in layer.lora_B) and len(layer.routers) == 1 and layer.routers[0].requires_grad
+
+
+def test_drift_of_a_shared_a_from_the_checkpoints(tmp_path):
+    """benchmarks/drift.py: ||A_k - A_1|| / ||A_1|| over the layers' shared A (per-task lists left out)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.drift import drift
+
+    (tmp_path / "checkpoints").mkdir()
+    a1 = {"l0.lora_A": torch.ones(2, 2), "l1.lora_A": torch.ones(1, 2), "l0.lora_A.0": torch.ones(3)}
+    steps = [a1, {**a1, "l0.lora_A": 2 * torch.ones(2, 2)}, {**a1, "l1.lora_A": -torch.ones(1, 2)}]
+    for k, adapters in enumerate(steps, 1):
+        torch.save({"adapters": adapters}, tmp_path / "checkpoints" / f"after_stage_{k}.pt")
+    d = drift(tmp_path)
+    # after stage 2: |dA| = 2 (four entries moved by 1) over ||A_1|| = sqrt(6); after 3: l1 moved by 2 in two entries
+    assert d["stages"] == pytest.approx([2 / 6 ** 0.5, (2 * 2 ** 0.5) / 6 ** 0.5])
+    assert d["max_layer"] == pytest.approx(2.0) and d["cos"] == pytest.approx((-1.0, 1.0)) and d["layers"] == 2
+    torch.save({"adapters": {"l0.lora_A.0": torch.ones(3)}}, tmp_path / "checkpoints" / "after_stage_1.pt")
+    for k in (2, 3):
+        (tmp_path / "checkpoints" / f"after_stage_{k}.pt").unlink()
+    assert drift(tmp_path) is None  # DirLoRA-like: no shared A

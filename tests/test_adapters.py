@@ -415,6 +415,17 @@ def test_lilora_freeze_basis_after_first_task():
     assert not m.layers[0].lora_B0.requires_grad and m.layers[0].lora_A.requires_grad
 
 
+@pytest.mark.parametrize("share_a_only", [False, True])
+def test_lilora_freeze_a_after_first_task(share_a_only):
+    m = make_method("lilora", tiny_llava(), r=8, lora_alpha=16, freeze_a_after_first_task=True,
+                    share_a_only=share_a_only, verbose=False)
+    m.start_task(0)
+    assert m.layers[0].lora_A.requires_grad
+    m.start_task(1)
+    trainable = {id(p) for p in m.trainable_parameters()}
+    assert all(id(layer.lora_A) not in trainable and id(layer.task_B[1]) in trainable for layer in m.layers)
+
+
 # --------------------------------------------------------------------------- placement and counts
 
 
@@ -574,3 +585,19 @@ def test_bf16_layer_equals_the_fp32_update_within_bf16_rounding(name, hp):
     torch.testing.assert_close(ours.float(), ref.float(), rtol=0, atol=2**-6 * ref.float().abs().max().item())
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=2**-6 * b.abs().max().item())
+
+
+def test_parameter_counts_at_the_13b_shape_equal_closed_form():
+    """benchmarks/param_table.py's LLaVA-1.5-13B shape (40 layers, 5120 wide, MLP 13824): MoELoRA and
+    BranchLoRA's task-1 trainable counts by hand, r=128, N=8."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.param_table import LLAVA_13B
+
+    C, I, L, r, N = 5120, 13824, 40, 128, 8
+    shapes = [(C, C)] * 4 + [(C, I), (C, I), (I, C)]  # (in, out) q k v o gate up down
+    moe = L * sum(r * (i + o) + N * i for i, o in shapes)
+    assert parameter_report(LLAVA_13B, "moelora", 8)["trainable"] == moe == 514_949_120
+    branch = L * sum(r // N * i + o * r + N * i for i, o in shapes) + 1024 + C  # trunk, branches, router, keys
+    assert parameter_report(LLAVA_13B, "branchlora", 8)["trainable"] == branch
