@@ -47,7 +47,7 @@ from minimcit.metrics import tasks_answered_per_stage  # noqa: E402
 from minimcit.train import TrainConfig, autocast  # noqa: E402
 
 aten = torch.ops.aten
-METHODS = ("seqlora", "dirlora", "joint", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "lilora")
+METHODS = ("seqlora", "dirlora", "joint", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "lilora", "smolora")
 TRAIN, PROMPT = Shape(1, 576 + 94 + 30, 30), Shape(1, 576 + 94, 32)
 
 

@@ -506,7 +506,6 @@ class SMoLoRALinear(AdapterLinear):
         self.mix_instruction = kaiming(self.zeros(1, self.out_features))
 
     def routes(self, x, tokens: Tokens):  # -> one-hot (B, 1, N): one visual and one instruction expert per row
-        half = self.num_experts // 2
         if tokens.decoding:  # Decision: a generation step keeps its prompt's visual expert (see SMoLoRA)
             visual = tokens.memory[id(self)]
         else:
@@ -514,11 +513,11 @@ class SMoLoRALinear(AdapterLinear):
             # the padding too, which makes a sample's expert depend on what it is batched with.
             w = torch.ones(x.shape[:2], device=x.device) if tokens.mask is None else tokens.mask.float()
             mean = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, in)
-            visual = F.one_hot(F.linear(mean, self.router_visual).argmax(-1), half)  # (B, N/2)
+            visual = top1(F.linear(mean, self.router_visual))  # (B, N/2)
             tokens.memory[id(self)] = visual
         if tokens.instruction is None:
             raise ValueError("SMoLoRA routes by the instruction: call the model with instruction_mask")
-        instruction = F.one_hot(F.linear(tokens.instruction, self.router_instruction).argmax(-1), half)  # (B, N/2)
+        instruction = top1(F.linear(tokens.instruction, self.router_instruction))  # (B, N/2)
         return torch.cat([visual, instruction], -1)[:, None].to(x.dtype)  # (B, 1, N), no gradient (L439)
 
     def update(self, x, tokens=None):
@@ -537,6 +536,10 @@ class SMoLoRALinear(AdapterLinear):
         mix = scores.softmax(-1)  # (B, T, 2): a_v, a_u per token (L465-466)
         # a_v v + a_u u = [B_v | B_u] (a_v h_v ; a_u h_u): one GEMM for both halves
         return torch.cat([mix[..., :1] * h_v, mix[..., 1:] * h_u], -1), self.lora_B
+
+
+def top1(logits):  # (B, n) -> one-hot (B, n) of the argmax, as the code builds it: zeros + scatter of 1.0 (L426-429)
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
 
 
 class SMoLoRA(Method):

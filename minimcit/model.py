@@ -474,8 +474,11 @@ class Llava(nn.Module):
             return x
         image_tokens = None
         if tokens is not None and tokens.instruction is not None:  # each image's row: its sample's instruction
-            per_row = is_image.sum(1) // max(n_slots // len(pixel_values), 1)  # images in each row
-            image_tokens = Tokens(instruction=tokens.instruction.repeat_interleave(per_row, dim=0))
+            instruction = tokens.instruction
+            if len(pixel_values) != len(input_ids):  # not one image a row (the usual batch, and the memory plan's)
+                per_row = is_image.sum(1) // max(n_slots // len(pixel_values), 1)  # images in each row
+                instruction = instruction.repeat_interleave(per_row, dim=0)
+            image_tokens = Tokens(instruction=instruction)
         feats = self.image_features(pixel_values, image_tokens)  # (N, P, C)
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "

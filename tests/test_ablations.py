@@ -122,3 +122,23 @@ def test_drift_of_a_shared_a_from_the_checkpoints(tmp_path):
     for k in (2, 3):
         (tmp_path / "checkpoints" / f"after_stage_{k}.pt").unlink()
     assert drift(tmp_path) is None  # DirLoRA-like: no shared A
+
+
+def test_paper_table_orderings_by_hand():
+    """paper_tables.ordering: a pair is kept / reversed when our means differ, in / against the
+    paper's direction, by more than two of the larger sd; otherwise not told apart."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.paper_tables import Row, ordering
+
+    rows = [Row("a", "x", (), (80.0, None, None, None)), Row("b", "x", (), (50.0, None, None, None)),
+            Row("c", "x", (), (40.0, None, None, None)), Row("d", "x"), Row("e", "x", (), (10.0, None, None, None))]
+    ap = lambda *v: {s: {"summary": {"AP": x}} for s, x in enumerate(v)}  # noqa: E731
+    # a: mean 30, sd 1; b: mean 20, sd 1; c: mean 21, sd 2; e: one seed only (left out)
+    results = {"a": ap(29, 30, 31), "b": ap(19, 20, 21), "c": ap(19, 21, 23), "d": ap(1, 2), "e": ap(5)}
+    got = ordering(rows, results)
+    assert got["kept"] == ["a > b (+10.0 against 2 sd 2.0)", "a > c (+9.0 against 2 sd 4.0)"]
+    assert got["not told apart"] == ["b > c (-1.0 against 2 sd 4.0)"] and got["reversed"] == []
+    got = ordering(rows, {**results, "b": ap(39, 40, 41)})  # b now 40 ± 1 above a's 30 ± 1
+    assert got["reversed"] == ["a > b (-10.0 against 2 sd 2.0)"]

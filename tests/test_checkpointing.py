@@ -14,7 +14,7 @@ CASES = {
     "seqlora": {}, "dirlora": {}, "joint": {}, "moelora": dict(num_experts=4),
     "branchlora": dict(num_branches=4), "branchlora-sequence": dict(num_branches=4, route="sequence"),
     "lilora": {}, "replay": {}, "ewc": {}, "lwf": {}, "olora": {}, "seqlora-dora": dict(dora=True),
-    "dirlora-selector": dict(use_selector=True),
+    "dirlora-selector": dict(use_selector=True), "smolora": {},
 }
 
 
