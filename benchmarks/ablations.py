@@ -1,6 +1,6 @@
 """The papers' ablations on MiniCoIN: LiLoRA's Table 2 rows and BranchLoRA's components.
 
-    python benchmarks/ablations.py                 # seed 0, default preset (16 runs of their own, ~40 min on 2 cores)
+    python benchmarks/ablations.py                 # seed 0, default preset (17 runs of their own, ~45 min on 2 cores)
     python benchmarks/ablations.py --seeds 0 1 2   # mean +- standard deviation
     python benchmarks/ablations.py --preset smoke  # seconds, a check of the script itself
     python benchmarks/ablations.py --report-only   # the rows complete so far, running nothing
@@ -27,6 +27,7 @@ ROWS = [  # (row, method, flags): named after the paper's row or the component r
     ("LiLoRA alpha = 1", "lilora", ["--fixed-alpha", "1"]),
     ("LiLoRA B0 frozen after task 1 (released code)", "lilora", ["--freeze-basis-after-first-task"]),
     ("LiLoRA A frozen after task 1", "lilora", ["--freeze-a-after-first-task"]),
+    ("LiLoRA share A only, A frozen after task 1", "lilora", ["--share-a-only", "--freeze-a-after-first-task"]),
     ("BranchLoRA (full: selector, per-task routers, tuning-freezing, k=2, N=8)", "branchlora",
      ["--task-identity", "selector"]),
     ("BranchLoRA oracle identity", "branchlora", ["--task-identity", "oracle"]),
