@@ -46,10 +46,10 @@ def main():
         print(f"(projector: {projector(config) / M:.1f}M; BranchLoRA's trainable count includes one router and the "
               "two selector keys of task 1)")
 
-        print(f"\nLLaVA-1.5-{size}. LiLoRA vs DirLoRA on 6 CVIT tasks (FFN linears + both projector linears, r=128, "
-              "r~=64)")
+        print(f"\nLLaVA-1.5-{size}. LiLoRA vs DirLoRA (and SMoLoRA, N=8) on 6 CVIT tasks (FFN linears + both projector "
+              "linears, r=128, r~=64)")
         print(f"{'method':10s} {'TP (MiB)':>9s} {'paper':>7s} {'EP (MiB)':>9s} {'paper':>7s} {'TP params':>10s}")
-        for method in ("lilora", "dirlora"):
+        for method in ("lilora", "dirlora", "smolora"):
             rep = parameter_report(config, method, 6, target="ffn+projector")
             tp, ep = paper.get(method, ("-", "-"))
             print(f"{method:10s} {MIB(rep['total_added']):9.1f} {tp:>7} {MIB(rep['per_task']):9.1f} {ep:>7} "

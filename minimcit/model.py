@@ -266,10 +266,11 @@ class Projector(nn.Module):
 
 @dataclass
 class Tokens:
-    """What the LLM tells each of its linears about a call beyond x, as an argument of the call:
-    a plain linear ignores it; an adapter that routes per sequence or counts its gates over the
-    real tokens (BranchLoRA) reads it. One per forward, and one per generation step sharing
-    `memory` with the prompt's."""
+    """What the model tells each of its linears about a call beyond x, as an argument of the call:
+    a plain linear ignores it; an adapter that routes per sequence, counts its gates over the real
+    tokens (BranchLoRA) or routes by the instruction (SMoLoRA) reads it. One per forward, and one
+    per generation step sharing `memory` with the prompt's; the projector's linears get one with a
+    row per image."""
     mask: torch.Tensor | None = None  # (B, T) True at the call's real tokens; None: every token is real
     decoding: bool = False  # a generation step after the prompt: one new token per row
     memory: dict = field(default_factory=dict)  # what a layer decided on the prompt, for the steps after it
@@ -288,8 +289,8 @@ class Tokens:
 
 
 class Linear(nn.Linear):
-    """The LLM's linears: nn.Linear (same keys, same math), told about the call's tokens, which it
-    ignores. An adapter that wraps one (method.AdapterLinear) gets them as an argument."""
+    """The LLM's and the projector's linears: nn.Linear (same keys, same math), told about the call's
+    tokens, which it ignores. An adapter that wraps one (method.AdapterLinear) gets them as an argument."""
 
     def forward(self, x, tokens: Tokens | None = None):
         return F.linear(x, self.weight, self.bias)

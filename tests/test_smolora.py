@@ -122,3 +122,24 @@ def test_the_model_gives_every_layer_its_samples_instruction_and_keeps_the_promp
     proj = m.layers[-1]  # multi_modal_projector.linear_2: one row per image, its sample's e_ins
     h = torch.randn(2, 4, proj.in_features)
     torch.testing.assert_close(proj(h, Tokens(instruction=e))[1:], proj(h[1:], Tokens(instruction=e[1:])))
+
+
+def test_a_batch_mixing_text_only_and_image_rows_routes_each_image_by_its_own_sample():
+    """pixel_values hold only the image rows' images: the projector's adapters must see those rows'
+    instructions, so each row's logits are those it has alone."""
+    model = tiny_llava()
+    m = make_method("smolora", model, r=8, lora_alpha=16, verbose=False)
+    m.start_task(0)
+    randomise([p for layer in m.layers for p in (layer.lora_B, layer.mix_visual)], std=0.5)
+    b = batch(n=3)
+    b["input_ids"][0, 1:5] = 7  # row 0 text-only: its image tokens become text
+    px = b["pixel_values"][1:]
+    proj = m.layers[-2]  # multi_modal_projector.linear_1
+    e = model.instruction_embedding(b["input_ids"], b["instruction_mask"])
+    picks = F.linear(e, proj.router_instruction).argmax(-1).tolist()
+    assert picks[0] != picks[1] or picks[1] != picks[2]  # the rows' instructions pick different experts
+    with torch.no_grad():
+        together = model(b["input_ids"], px, b["attention_mask"], b["instruction_mask"])
+        for i, images in ((0, None), (1, px[:1]), (2, px[1:])):
+            alone = model(b["input_ids"][i:i + 1], images, b["attention_mask"][i:i + 1], b["instruction_mask"][i:i + 1])
+            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-4)
