@@ -200,6 +200,9 @@ def add_method_and_training_flags(p) -> None:
                                                              POSITIVE))
     h.add_argument("--dropout", type=float, help=in_range(f"adapter input dropout (coin/cvit {ADAPTER_DROPOUT}, "
                                                           "MiniCoIN 0)", FRACTION))
+    h.add_argument("--target", help="the linears adapted: llm (q,k,v,o,gate,up,down of every layer), ffn+projector "
+                                    "(gate,up,down and both projector linears), or a regex of full module names in the "
+                                    "language model and projector (default: the method's paper's placement)")
     add_method_flags(h)
     t = p.add_argument_group("training (defaults: the benchmark's recipe)")
     for f in fields(TrainConfig):
@@ -215,12 +218,12 @@ def add_method_and_training_flags(p) -> None:
 
 def method_hparams(args) -> dict:
     hp = dict(preset(preset_of(args)).adapter) if args.tasks.startswith("mini") else {"dropout": ADAPTER_DROPOUT}
-    for name in ("r", "lora_alpha", "dropout", *sorted(all_method_options())):
+    for name in ("r", "lora_alpha", "dropout", "target", *sorted(all_method_options())):
         if getattr(args, name) is not None:
             hp[name] = getattr(args, name)
     if args.task_identity == "selector" and "use_selector" in method_options(args.method):
         hp["use_selector"] = True  # identity-free inference needs the selector trained
-    wrong = sorted(set(hp) - {"r", "lora_alpha", "dropout"} - method_options(args.method))
+    wrong = sorted(set(hp) - {"r", "lora_alpha", "dropout", "target"} - method_options(args.method))
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --method {args.method}")
     return hp

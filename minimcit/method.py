@@ -104,7 +104,7 @@ def inject(model: nn.Module, target: str, make) -> list[str]:
     """Replace every nn.Linear whose full name matches `target` by make(linear)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target, n)]
     if not names:
-        raise ValueError(f"no Linear layer of the model matches target {target!r}")
+        raise ValueError(f"no Linear layer of the model matches --target {target!r}")
     for name in names:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, make(model.get_submodule(name)))
@@ -189,6 +189,11 @@ class Method:
         self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)
+        outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)
+                   and not n.startswith(("language_model.", "multi_modal_projector."))]
+        if outside:  # the vision tower stays as its pre-training left it
+            raise ValueError(f"--target {target!r} matches {outside[0]!r}: adapters go in the language model and "
+                             "the projector only")
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]
         if not 0 <= dropout < 1:

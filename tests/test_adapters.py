@@ -436,7 +436,7 @@ def test_placement_by_full_name_and_summary(capsys):
     assert all(n.startswith(("language_model.layers.", "multi_modal_projector.")) for n in m.names)
     m2 = make_method("moelora", tiny_llava(), r=8, lora_alpha=16, verbose=False)
     assert len(m2.names) == 2 * 7 and not any("vision_tower" in n or "projector" in n for n in m2.names)
-    with pytest.raises(ValueError, match="matches target"):
+    with pytest.raises(ValueError, match="matches --target"):
         make_method("seqlora", tiny_llava(), target=r"nothing\.here", verbose=False)
     with pytest.raises(ValueError, match="unknown method 'si'"):
         make_method("si", tiny_llava())

@@ -530,3 +530,18 @@ def test_real_data_refuses_an_answer_past_the_model_before_loading_it(tmp_path, 
     data, images, args = coin_run(tmp_path)
     assert run.main([*args, "--max-new-tokens", "100000", "--out", str(tmp_path / "o")]) == 1
     assert "--max-new-tokens 100000: the model has" in capsys.readouterr().err and not calls
+
+
+def test_target_places_adapters_by_full_name_in_the_language_model_and_projector_only(tmp_path, capsys, cache):
+    """--target: a named placement or a regex of full module names; one that matches nothing or
+    reaches into the vision tower is refused by name before anything loads."""
+    out = tmp_path / "run"
+    base = ["--method", "dirlora", "--tasks", "minicoin", "--preset", "smoke", "--task-order", "sciqa", "--quiet",
+            "--cache", str(cache)]
+    assert run.main([*base, "--target", r"language_model\.layers\.0\.mlp\.down_proj", "--out", str(out)]) == 0
+    assert "dirlora: wrapped 1 linears (down_proj x1)" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["config"]["hparams"]["target"].endswith("down_proj")
+    for target, said in ((r"vision_tower\..*", "adapters go in the language model and the projector only"),
+                         ("nothing", "no Linear layer of the model matches --target 'nothing'")):
+        assert run.main([*base, "--target", target, "--out", str(tmp_path / "refused")]) == 1
+        assert said in capsys.readouterr().err and not (tmp_path / "refused").exists()
