@@ -26,7 +26,7 @@ import run  # noqa: E402
 from minimcit.pretrain import base_name  # noqa: E402
 from minimcit.report import scatter  # noqa: E402
 
-ORDER = ["seqlora", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "dirlora", "lilora", "joint"]
+ORDER = ["seqlora", "replay", "ewc", "lwf", "olora", "moelora", "smolora", "branchlora", "dirlora", "lilora", "joint"]
 IDENTITY = {"branchlora": ["--task-identity", "selector"]}
 METRICS = ("AP", "MAP", "BWT", "MIF")
 
