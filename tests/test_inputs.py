@@ -532,12 +532,17 @@ def test_real_data_refuses_an_answer_past_the_model_before_loading_it(tmp_path, 
     assert "--max-new-tokens 100000: the model has" in capsys.readouterr().err and not calls
 
 
-def test_target_places_adapters_by_full_name_in_the_language_model_and_projector_only(tmp_path, capsys, cache):
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory):  # not pytest's own `cache` fixture, whose str() is a folder name in the cwd
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_target_places_adapters_by_full_name_in_the_language_model_and_projector_only(tmp_path, capsys, base_cache):
     """--target: a named placement or a regex of full module names; one that matches nothing or
     reaches into the vision tower is refused by name before anything loads."""
     out = tmp_path / "run"
     base = ["--method", "dirlora", "--tasks", "minicoin", "--preset", "smoke", "--task-order", "sciqa", "--quiet",
-            "--cache", str(cache)]
+            "--cache", str(base_cache)]
     assert run.main([*base, "--target", r"language_model\.layers\.0\.mlp\.down_proj", "--out", str(out)]) == 0
     assert "dirlora: wrapped 1 linears (down_proj x1)" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["config"]["hparams"]["target"].endswith("down_proj")
