@@ -189,10 +189,10 @@ class Method:
         self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)
-        outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)
-                   and not n.startswith(("language_model.", "multi_modal_projector."))]
-        if outside:  # the vision tower stays as its pre-training left it
-            raise ValueError(f"--target {target!r} matches {outside[0]!r}: adapters go in the language model and "
+        tower = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)
+                 and n.startswith("vision_tower.")]
+        if tower:  # the vision tower stays as its pre-training left it
+            raise ValueError(f"--target {target!r} matches {tower[0]!r}: adapters go in the language model and "
                              "the projector only")
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]
