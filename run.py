@@ -58,7 +58,8 @@ SMOLORA_RECIPE = dict(LILORA_RECIPE, lr=1e-4)
 ADAPTER_DROPOUT = 0.05  # on the adapter input, as all three reference codebases train on real data
 
 
-RECIPES = {"coin": COIN_RECIPE, "lilora": LILORA_RECIPE, "smolora": SMOLORA_RECIPE}  # a method names its own (Method.paper_recipe)
+# A method names its own (Method.paper_recipe).
+RECIPES = {"coin": COIN_RECIPE, "lilora": LILORA_RECIPE, "smolora": SMOLORA_RECIPE}
 
 
 # The training flags, one per TrainConfig field (default: the benchmark's recipe), with the values

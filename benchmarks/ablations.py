@@ -52,8 +52,8 @@ def main():
     for name, method, flags in rows:
         results[name] = [
             r for s in args.seeds
-            if (r := run_or_reuse(run_folder(args.out, args.tasks, args.preset, s, method, flags), method, flags, args.tasks, args.preset, s,
-                                  args.report_only))]
+            if (r := run_or_reuse(run_folder(args.out, args.tasks, args.preset, s, method, flags), method, flags,
+                                  args.tasks, args.preset, s, args.report_only))]
     print(f"Ablations on MiniCoIN ({args.tasks}, preset {args.preset}), seeds {', '.join(map(str, args.seeds))}\n")
     print("| row | seeds | " + " | ".join(METRICS) + " | selector acc | trainable | total added |")
     print("|---|" + "---|" * (len(METRICS) + 4))

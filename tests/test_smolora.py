@@ -36,7 +36,8 @@ def code_forward(layer, x, ins_emb):
     score_A = F.linear(vu_result, layer.mix_visual)
     score_B = F.linear(if_result, layer.mix_instruction)
     attention_weights = F.softmax(torch.cat([score_A, score_B], dim=-1), dim=-1)
-    return result + attention_weights[:, :, 0].unsqueeze(-1) * vu_result + attention_weights[:, :, 1].unsqueeze(-1) * if_result
+    alpha_A, alpha_B = attention_weights[:, :, 0].unsqueeze(-1), attention_weights[:, :, 1].unsqueeze(-1)
+    return result + alpha_A * vu_result + alpha_B * if_result
 
 
 def smolora_layer(seed=0):
