@@ -33,7 +33,8 @@ def adapters(out, stage):
     return torch.load(out / "checkpoints" / f"after_stage_{stage}.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", [])])
+@pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", []),
+                                          ("smolora", [])])
 def test_two_processes_give_the_results_of_one(method, extra, tmp_path, cache):
     flags = ["--method", method, *SMOKE, "--cache", str(cache), "--grad-accum", "2", *extra]
     assert run.main([*flags, "--out", str(tmp_path / "one")]) == 0

@@ -75,7 +75,7 @@ def test_every_method_learns_a_tiny_task(method, tmp_path, cache):
 
 
 @pytest.mark.parametrize("method,extra", [("branchlora", ["--task-identity", "selector"]), ("lilora", []),
-                                          ("ewc", []), ("lwf", ["--dora"]), ("replay", [])])
+                                          ("ewc", []), ("lwf", ["--dora"]), ("replay", []), ("smolora", [])])
 def test_killed_run_resumes_to_the_same_results(method, extra, tmp_path, cache, monkeypatch, capsys):
     args = ["--method", method, *SMOKE, "--cache", str(cache), *extra]
     assert run.main([*args, "--out", str(tmp_path / "whole")]) == 0
