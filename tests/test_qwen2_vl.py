@@ -32,3 +32,31 @@ def test_image_patches_equal_the_processors(size):
     assert [list(grid)] == ref["image_grid_thw"].tolist()
     assert patches.shape == ref["pixel_values"].shape and patches.shape[1] == 3 * 2 * 14 * 14
     torch.testing.assert_close(patches, torch.from_numpy(ref["pixel_values"]), rtol=0, atol=1e-5)
+
+
+def test_vision_tower_equals_transformers_on_images_of_several_grids():
+    """Tiny random Qwen2VisionTransformerPretrainedModel, its state dict loaded strictly into ours
+    (the same module names), two images of different sizes in one call: the merged features agree."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from minimcit.qwen2_vl import VisionConfig, VisionTower
+
+    torch.manual_seed(0)
+    hf_cfg = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=24, num_heads=4, mlp_ratio=2)
+    ref = Qwen2VisionTransformerPretrainedModel(hf_cfg).eval()
+    with torch.no_grad():  # weights large enough that attention is far from uniform: rotary and masking show
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    ours = VisionTower(VisionConfig(depth=2, embed_dim=32, hidden_size=24, num_heads=4, mlp_ratio=2)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((56, 84), (112, 56))]
+    parts = [image_patches(im) for im in images]
+    pixels = torch.cat([p for p, _ in parts])
+    grid = torch.tensor([g for _, g in parts])
+    with torch.no_grad():
+        want = ref(pixels, grid_thw=grid).pooler_output
+        got = ours(pixels, grid)
+    assert got.shape == (pixels.shape[0] // 4, 24)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
