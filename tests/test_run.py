@@ -294,7 +294,7 @@ def test_missing_data_root_and_model(tmp_path, capsys):
     assert run.main(["--method", "lilora", "--tasks", "coin", "--out", str(tmp_path / "o")]) == 1
     assert "--tasks coin needs --data-root, --image-root, --model" in capsys.readouterr().err
     assert run.main(["--method", "lilora", "--tasks", "coin", "--data-root", str(tmp_path / "nowhere"),
-                     "--image-root", str(tmp_path), "--model", str(tmp_path)]) == 1
+                     "--image-root", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "data root not found" in err and "nowhere" in err
 
