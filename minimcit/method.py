@@ -101,10 +101,14 @@ class AdapterLinear(nn.Module):
 
 
 def inject(model: nn.Module, target: str, make) -> list[str]:
-    """Replace every nn.Linear whose full name matches `target` by make(linear)."""
+    """Replace every nn.Linear whose full name matches `target` by make(linear); none in the vision tower."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target, n)]
     if not names:
         raise ValueError(f"no Linear layer of the model matches --target {target!r}")
+    tower = [n for n in names if n.startswith("vision_tower.")]
+    if tower:  # the vision tower stays as its pre-training left it
+        raise ValueError(f"--target {target!r} matches {tower[0]!r}: adapters go in the language model and "
+                         "the projector only")
     for name in names:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, make(model.get_submodule(name)))
@@ -189,11 +193,6 @@ class Method:
         self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
         pattern = TARGETS.get(target or self.default_target, target or self.default_target)
-        tower = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)
-                 and n.startswith("vision_tower.")]
-        if tower:  # the vision tower stays as its pre-training left it
-            raise ValueError(f"--target {target!r} matches {tower[0]!r}: adapters go in the language model and "
-                             "the projector only")
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]
         if not 0 <= dropout < 1:
