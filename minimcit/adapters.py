@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .method import COUNT, DORA, NON_NEGATIVE, UNIT, USE_SELECTOR, AdapterLinear, Method, Option, Range, kaiming
-from .model import Tokens
+from .model import Tokens, masked_mean
 
 # --------------------------------------------------------------------------- LoRA: SeqLoRA, DirLoRA, joint
 
@@ -243,8 +243,7 @@ class BranchLoRALinear(AdapterLinear):
             if tokens.decoding:  # a generation step keeps the decision made on its prompt
                 return tokens.memory[id(self)]
             # One routing decision per sequence, from the mean x of its real tokens.
-            w = torch.ones(x.shape[:2], device=x.device) if tokens.mask is None else tokens.mask.float()
-            x = ((x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1))[:, None]  # (B, 1, in)
+            x = masked_mean(x, tokens.mask)[:, None]  # (B, 1, in)
         router = self.routers[0 if self.shared_router else self.task]
         top, idx = F.linear(x, router).topk(self.top_k, dim=-1)  # R_t x, keep the k largest
         routed = top.softmax(-1), idx  # softmax over the top-k only; the other N - k gates are 0
@@ -511,9 +510,7 @@ class SMoLoRALinear(AdapterLinear):
         else:
             # Mean of x over the sequence (L425). Decision: over the real tokens only; the code's mean takes in
             # the padding too, which makes a sample's expert depend on what it is batched with.
-            w = torch.ones(x.shape[:2], device=x.device) if tokens.mask is None else tokens.mask.float()
-            mean = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # (B, in)
-            visual = top1(F.linear(mean, self.router_visual))  # (B, N/2)
+            visual = top1(F.linear(masked_mean(x, tokens.mask), self.router_visual))  # (B, N/2)
             tokens.memory[id(self)] = visual
         if tokens.instruction is None:
             raise ValueError("SMoLoRA routes by the instruction: call the model with instruction_mask")

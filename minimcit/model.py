@@ -288,6 +288,12 @@ class Tokens:
             self.recomputing = False
 
 
+def masked_mean(x, mask):  # x (B, T, C), mask (B, T) or None -> (B, C)
+    """Each row's mean of x over the positions `mask` marks (every position when None; 0 where none)."""
+    w = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+    return (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+
 class Linear(nn.Linear):
     """The LLM's and the projector's linears: nn.Linear (same keys, same math), told about the call's
     tokens, which it ignores. An adapter that wraps one (method.AdapterLinear) gets them as an argument."""
@@ -461,65 +467,58 @@ class Llava(nn.Module):
             h = h[:, 1:]  # drop CLS
         return self.multi_modal_projector(h, tokens)
 
-    def embed(self, input_ids, pixel_values=None, tokens: Tokens | None = None):
-        """Token embeddings with each image's projected features written, in order, at the
-        positions holding image_token_index. `tokens`: the call's, whose rows the projector's
-        adapters see again one per image."""
+    def embed(self, input_ids, pixel_values=None, instruction_mask=None):
+        """Token embeddings (B, T, C) with each image's projected features written, in order, at the
+        positions holding image_token_index; and, given `instruction_mask` (B, T), each row's mean
+        input embedding over that span, float32 (B, C), else None: the instruction an adapter may
+        route by (SMoLoRA), which the projector's adapters see again one row per image."""
         is_image = input_ids == self.config.image_token_index  # (B, T)
         # The original layout's -200 is not a row of the table: look up a dummy row there.
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
+        instruction = None if instruction_mask is None else masked_mean(x.detach().float(), instruction_mask)
         n_slots = int(is_image.sum())
         if pixel_values is None:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
-            return x
+            return x, instruction
         image_tokens = None
-        if tokens is not None and tokens.instruction is not None:  # each image's row: its sample's instruction
-            instruction = tokens.instruction
+        if instruction is not None:  # each image's row: its sample's instruction
+            per_image = instruction
             if len(pixel_values) != len(input_ids):  # not one image a row (the usual batch, and the memory plan's)
                 per_row = is_image.sum(1) // max(n_slots // len(pixel_values), 1)  # images in each row
-                instruction = instruction.repeat_interleave(per_row, dim=0)
-            image_tokens = Tokens(instruction=instruction)
+                per_image = instruction.repeat_interleave(per_row, dim=0)
+            image_tokens = Tokens(instruction=per_image)
         feats = self.image_features(pixel_values, image_tokens)  # (N, P, C)
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "
                              f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} features")
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype)), instruction
 
     def instruction_embedding(self, input_ids, instruction_mask):  # -> (B, C) float32, no gradient
-        """Each row's mean input embedding over the tokens `instruction_mask` marks: the selector's
-        e_txt and SMoLoRA's instruction embedding (both Decisions, SPEC §2)."""
+        """Each row's mean input embedding over the tokens `instruction_mask` marks, without the
+        images: the selector's e_txt (Decision, SPEC §2); a forward computes the same in `embed`."""
         with torch.no_grad():
             is_image = input_ids == self.config.image_token_index
             emb = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0)).float()  # (B, T, C)
-            keep = instruction_mask.to(emb.dtype)[..., None]  # (B, T, 1)
-            return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)
-
-    def tokens(self, input_ids, attention_mask=None, instruction_mask=None) -> Tokens:
-        """The call's Tokens: its real tokens and, given the instruction span, each row's instruction."""
-        return Tokens(mask=None if attention_mask is None else attention_mask.bool(),
-                      instruction=None if instruction_mask is None else
-                      self.instruction_embedding(input_ids, instruction_mask))
+            return masked_mean(emb, instruction_mask)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, instruction_mask=None):
         """Logits (B, T, V). `attention_mask` (B, T) marks real tokens; left or right padding.
         `instruction_mask` (B, T): the instruction span, for adapters routed by it (else unused)."""
-        tokens = self.tokens(input_ids, attention_mask, instruction_mask)
-        x = self.embed(input_ids, pixel_values, tokens)
+        x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
         positions = _positions(attention_mask, input_ids)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1], 0)
-        return self.lm_head(self.language_model(x, positions, mask, tokens=tokens))
+        return self.lm_head(self.language_model(x, positions, mask, tokens=_tokens(attention_mask, instruction)))
 
     def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
                       checkpointing: bool = False, instruction_mask=None):
         """Logits (n, V) at the n positions whose next token is labelled, and those tokens (n,).
         lm_head runs only there: in LLaVA data most positions are prompt and image tokens, so
         this skips most of the vocabulary projection. `checkpointing`: LlamaModel.forward's."""
-        tokens = self.tokens(input_ids, attention_mask, instruction_mask)
-        x = self.embed(input_ids, pixel_values, tokens)
+        x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
         h = self.language_model(x, _positions(attention_mask, input_ids),
                                 attention_mask_4d(attention_mask, input_ids.shape[1], 0),
-                                tokens=tokens, checkpointing=checkpointing)  # (B, T, C)
+                                tokens=_tokens(attention_mask, instruction), checkpointing=checkpointing)  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
         keep = target != IGNORE_INDEX
         return self.lm_head(h[:, :-1][keep]), target[keep]  # (n, V), (n,)
@@ -548,9 +547,9 @@ class Llava(nn.Module):
         mask2d = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens).bool()], dim=1)
         positions = _positions(attention_mask, input_ids)  # (B, T)
 
-        prompt = self.tokens(input_ids, attention_mask, instruction_mask)
-        h = self.language_model(self.embed(input_ids, pixel_values, prompt), positions,
-                                attention_mask_4d(attention_mask, T, 0), cache, prompt)
+        x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
+        prompt = _tokens(attention_mask, instruction)
+        h = self.language_model(x, positions, attention_mask_4d(attention_mask, T, 0), cache, prompt)
         next_tok = self.lm_head(h[:, -1]).argmax(-1)  # (B,)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -568,6 +567,10 @@ class Llava(nn.Module):
                                     step_tokens)
             next_tok = self.lm_head(h[:, -1]).argmax(-1)
         return torch.stack(out, dim=1)
+
+
+def _tokens(attention_mask, instruction=None) -> Tokens:
+    return Tokens(mask=None if attention_mask is None else attention_mask.bool(), instruction=instruction)
 
 
 def _positions(attention_mask, input_ids):
