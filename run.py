@@ -28,11 +28,13 @@ from minimcit.methods import METHODS, check_hparams, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
-from minimcit.checkpoint import read_config
+from minimcit import qwen2_vl
+from minimcit.checkpoint import load_model, read_config
 from minimcit.model import Llava
 from minimcit.plan import GiB, data_shapes, device_memory, make_plan
 from minimcit.pretrain import pretrain_base
-from minimcit.processing import SYSTEM, TextTokenizer
+from minimcit.processing import SYSTEM, LlavaPrompt, TextTokenizer
+from minimcit.qwen2_vl import Qwen2VLConfig, Qwen2VLPrompt
 from minimcit.report import write_report
 from minimcit.runfolder import (first_difference, load_checkpoint, read_results, run_lock, seeded_start_task,
                                 stages_done, write_evaluation)
@@ -574,17 +576,16 @@ def real_data_parts(args, hp: dict, cfg: TrainConfig, identity: str, device, dty
     print_data_plan(args, tasks, cfg, identity)
     c = read_config(args.model, vision_tower=args.vision_tower)
     check_generation_length(cfg, c)
-    collator = make_collator(args.tokenizer or args.model, c, SYSTEM)
+    collator = make_collator(args.tokenizer or args.model, c)
     plan = memory_plan(args, c, hp, cfg, tasks, collator, device, dtype)
-    model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, projector=args.projector,
-                                  dtype=dtype, device=device)
+    model = load_model(args.model, vision_tower=args.vision_tower, projector=args.projector, dtype=dtype, device=device)
     return args.model, model, tasks, collator, plan
 
 
 def data_description(args, tasks, collator) -> dict:
     """What defines the data beyond the flags, for results.json's config."""
     if args.tasks.startswith("mini"):  # its test-set sizes and prompt
-        return {"test_items": [len(t.test) for t in tasks], "system_line": bool(collator.system)}
+        return {"test_items": [len(t.test) for t in tasks], "system_line": bool(collator.prompt.system)}
     paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
              ("--data-root", "--image-root", "--tokenizer", "--vision-tower", "--projector", "--textvqa-answers",
               "--task-dir")}
@@ -598,19 +599,30 @@ def data_description(args, tasks, collator) -> dict:
             "scorers": {t.name: t.scorer for t in tasks}}
 
 
-def make_collator(tok_path, c, system: str) -> Collator:
-    tok = TextTokenizer(tok_path)
+def make_collator(tok_path, c, system: str | None = None) -> Collator:
+    """The tokenizer and the backbone's prompt (system: its default, the vicuna line or Qwen's)."""
+    qwen = isinstance(c, Qwen2VLConfig)
+    tok = TextTokenizer(tok_path, eos=qwen2_vl.TURN_END if qwen else None)
     if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
         raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
                          f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
     # A tokenizer of another model that happens to be no larger: its special tokens give it away.
-    image_id = tok.tok.token_to_id("<image>")
-    for what, ours, model_id in (("bos", tok.bos_id, c.text.bos_token_id), ("eos", tok.eos_id, c.text.eos_token_id),
-                                 ("<image>", image_id, c.image_token_index if c.image_token_index >= 0 else None)):
-        if ours is not None and model_id is not None and ours != model_id:
+    if qwen:  # the ids the template writes itself; eos is <|im_end|> by the prompt, whatever the config says
+        special = [("<|image_pad|>", c.image_token_index), ("<|vision_start|>", c.vision_start_token_id),
+                   ("<|vision_end|>", c.vision_end_token_id)]
+        checks = [(name, tok.tok.token_to_id(name), want) for name, want in special]
+    else:
+        image_id = tok.tok.token_to_id("<image>")
+        checks = [("bos", tok.bos_id, c.text.bos_token_id), ("eos", tok.eos_id, c.text.eos_token_id),
+                  ("<image>", image_id, c.image_token_index if c.image_token_index >= 0 else None)]
+    for what, ours, model_id in checks:
+        if (ours is not None or qwen) and model_id is not None and ours != model_id:
             raise ValueError(f"{tok_path}: the tokenizer's {what} token is id {ours} but the model's config says "
                              f"{model_id}; use the tokenizer that belongs to the model (--tokenizer)")
-    return Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size, system=system)
+    if qwen:
+        return Collator(tok, Qwen2VLPrompt(c, qwen2_vl.SYSTEM if system is None else system))
+    return Collator(tok, LlavaPrompt(c.num_image_tokens, c.image_token_index, c.vision.image_size,
+                                     system=SYSTEM if system is None else system))
 
 
 def memory_plan(args, c, hp: dict, cfg: TrainConfig, tasks, collator, device, dtype):

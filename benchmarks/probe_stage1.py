@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimcit.data import Collator, Sample  # noqa: E402
 from minimcit.minicoin import COLOURS, PRESETS, SHAPES, gen_gqa, gen_imagenet  # noqa: E402
 from minimcit.model import CLIPVisionTower, Llava, VisionConfig  # noqa: E402
-from minimcit.processing import TextTokenizer, preprocess_image  # noqa: E402
+from minimcit.processing import LlavaPrompt, TextTokenizer, preprocess_image  # noqa: E402
 
 
 def first(words, vocab):
@@ -32,7 +32,7 @@ def probe_base(path: Path):
     model = Llava.from_pretrained(path).eval()
     c = model.config
     tok = TextTokenizer(path)
-    col = Collator(tok, c.num_image_tokens, c.image_token_index, c.vision.image_size, plain=True)
+    col = Collator(tok, LlavaPrompt(c.num_image_tokens, c.image_token_index, c.vision.image_size, plain=True))
     rng = np.random.default_rng(77)
     for gen in (gen_imagenet, gen_gqa):
         items = [gen(rng, c.vision.image_size) for _ in range(80)]

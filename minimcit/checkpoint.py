@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .model import Llava, LlavaConfig
+from .model import Backbone, Llava, LlavaConfig
+from .qwen2_vl import Qwen2VL, Qwen2VLConfig
 
 # Each layout is an ordered list of (pattern, replacement): the first pattern that matches a
 # checkpoint key rewrites it into our name; replacement None marks a tensor the model does not
@@ -167,9 +168,10 @@ def original_config(llm_folder: Path, clip_folder: Path, image_token_index) -> L
     }, source=f"{llm_path} + {clip_path}")
 
 
-def read_config(path, *, vision_tower=None, image_token_index=None) -> LlavaConfig:
+def read_config(path, *, vision_tower=None, image_token_index=None):
     """The model's config from its folder (and the CLIP folder, original layout), no weights read:
-    what the memory plan needs before the model loads."""
+    what the memory plan needs before the model loads. config.json's model_type picks the backbone:
+    "qwen2_vl" a Qwen2VLConfig, anything else a LlavaConfig."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -179,6 +181,10 @@ def read_config(path, *, vision_tower=None, image_token_index=None) -> LlavaConf
     if not isinstance(raw, dict):
         raise ValueError(f"{path / 'config.json'}: expected a JSON object of model settings, got a "
                          f"{type(raw).__name__}")
+    if raw.get("model_type") == "qwen2_vl":
+        if image_token_index is not None:
+            raise ValueError(f"{path}: a Qwen2-VL checkpoint names its own image token; drop image_token_index")
+        return Qwen2VLConfig.from_dict(raw, source=str(path / "config.json"))
     if "vision_config" not in raw:
         raise ValueError(f"{path / 'config.json'}: missing field 'vision_config'; for an original-LLaVA "
                          "LLM folder, give its CLIP folder too (run.py --vision-tower; vision_tower= in Python)")
@@ -208,6 +214,15 @@ def load_llava(cls, path, *, vision_tower=None, projector=None, image_token_inde
         model = cls(config)
     load_weights(model, sources, dtype, device or "cpu")
     return model
+
+
+def load_model(path, *, vision_tower=None, projector=None, dtype=None, device=None) -> Backbone:
+    """Whichever backbone the folder holds (read_config's rule): run.py's --model DIR."""
+    if isinstance(read_config(path, vision_tower=vision_tower), Qwen2VLConfig):
+        if projector is not None:
+            raise ValueError(f"{path}: a Qwen2-VL checkpoint holds its own merger; drop --projector")
+        return Qwen2VL.from_pretrained(path, dtype=dtype, device=device)
+    return Llava.from_pretrained(path, vision_tower=vision_tower, projector=projector, dtype=dtype, device=device)
 
 
 def save_llava(model: Llava, folder) -> None:

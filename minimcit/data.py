@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .checkpoint import read_json
 from .metrics import parse_option
 from .official import OFFICIAL_RULES
-from .processing import IGNORE_INDEX, SYSTEM, TextTokenizer, encode_example, encode_plain, load_image, preprocess_image
+from .processing import IGNORE_INDEX, TextTokenizer
 
 
 @dataclass
@@ -336,35 +335,22 @@ def missing_images(tasks: list[Task]) -> list[Path]:
 class Collator:
     """Samples -> a batch dict: input_ids, attention_mask, pixel_values, instruction_mask (the
     question's tokens, which the task selector reads) and, for training, labels (answers and eos
-    only). pixel_values stacks the images of the samples that have one, in order (None if none
-    has), as the model writes each image's features at its sample's image tokens. Right padding
-    for training; left padding and no answer with `prompt_only=True`, the prompts
-    `Llava.generate` continues. `plain=True` uses the stage-1 template (image, then
-    caption) instead of the conversation; `system` is the conversation's system line ("" for none)."""
+    only). The backbone's `prompt` (processing.LlavaPrompt, qwen2_vl.Qwen2VLPrompt) says how a sample
+    becomes tokens and its image pixels; pixel_values holds the images of the samples that have one,
+    in order (None if none has), as the model writes each image's features at its sample's image
+    tokens. Right padding for training; left padding and no answer with `prompt_only=True`, the
+    prompts `generate` continues."""
 
-    def __init__(self, tokenizer: TextTokenizer, num_image_tokens: int, image_token_index: int, image_size: int,
-                 plain: bool = False, system: str = SYSTEM):
-        self.tok, self.n_img, self.img_id, self.image_size = tokenizer, num_image_tokens, image_token_index, image_size
-        self.plain, self.system = plain, system
+    def __init__(self, tokenizer: TextTokenizer, prompt):
+        self.tok, self.prompt = tokenizer, prompt
 
-    def pixels(self, s: Sample) -> torch.Tensor:
-        if isinstance(s.image, Image.Image):
-            return preprocess_image(s.image, self.image_size)
-        return load_image(s.image, self.image_size)
-
-    def encode(self, s: Sample, prompt_only: bool = False):
-        if self.plain:
-            r = encode_plain(self.tok, "" if prompt_only else s.answer, num_image_tokens=self.n_img,
-                             image_token_index=self.img_id)
-            # the prompt is the image alone: drop the empty caption's eos
-            return r._replace(ids=r.ids[:-1], labels=r.labels[:-1]) if prompt_only else r
-        return encode_example(self.tok, s.question, None if prompt_only else s.answer, num_image_tokens=self.n_img,
-                              image_token_index=self.img_id, with_image=s.image is not None,
-                              later_turns=() if prompt_only else s.later_turns, system=self.system)
+    def encode(self, s: Sample, prompt_only: bool = False, slots: int = 0):  # slots: its image's tokens
+        return self.prompt.encode(self.tok, s, slots, prompt_only)
 
     def prompt_length(self, s: Sample) -> int:
-        """Tokens of the prompt `generate` continues (image tokens included)."""
-        return len(self.encode(s, prompt_only=True).ids)
+        """Tokens of the prompt `generate` continues (image tokens included), without decoding its image."""
+        slots = 0 if s.image is None else self.prompt.image_tokens(s.image)
+        return len(self.encode(s, prompt_only=True, slots=slots).ids)
 
     def prompts(self, samples: list[Sample]) -> dict:
         """The left-padded prompt batch of `samples` (a DataLoader's collate_fn at evaluation)."""
@@ -373,7 +359,8 @@ class Collator:
     def __call__(self, samples: list[Sample], prompt_only: bool = False) -> dict:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        rows = [self.encode(s, prompt_only) for s in samples]
+        pixels = [None if s.image is None else self.prompt.image(s.image) for s in samples]
+        rows = [self.encode(s, prompt_only, 0 if p is None else self.prompt.slots(p)) for s, p in zip(samples, pixels)]
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -384,9 +371,9 @@ class Collator:
             sl = slice(shift, shift + len(r.ids))
             ids[i, sl], labels[i, sl], mask[i, sl] = torch.tensor(r.ids), torch.tensor(r.labels), 1
             instruction[i, shift + r.instruction.start:shift + r.instruction.stop] = True
-        images = [self.pixels(s) for s in samples if s.image is not None]  # text-only samples have none
+        images = [p for p in pixels if p is not None]  # text-only samples have none
         batch = {"input_ids": ids, "attention_mask": mask, "instruction_mask": instruction,
-                 "pixel_values": torch.stack(images) if images else None}
+                 "pixel_values": self.prompt.images(images) if images else None}
         if not prompt_only:
             batch["labels"] = labels
         return batch

@@ -22,11 +22,15 @@ from torch import nn
 
 from .selector import TaskSelector, sample_embeddings
 
-# Placement by full module name, scoped to the language model and the projector.
-TARGETS = {
-    "llm": r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-    "ffn+projector": r"language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj|multi_modal_projector\.linear_[12]",
-}
+# Placement by full module name, scoped to the language model and the projector, whose names the
+# backbone gives (Backbone.PROJECTOR): both backbones name their decoders' linears as LLaMA does.
+def target_pattern(model, target: str) -> str:
+    """The regex of a named placement ("llm", "ffn+projector"), or `target` itself, a regex."""
+    if target == "llm":
+        return r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+    if target == "ffn+projector":
+        return r"language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj|" + model.PROJECTOR
+    return target
 
 
 def kaiming(p: torch.Tensor) -> torch.Tensor:
@@ -105,7 +109,8 @@ def inject(model: nn.Module, target: str, make) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target, n)]
     if not names:
         raise ValueError(f"no Linear layer of the model matches --target {target!r}")
-    tower = [n for n in names if n.startswith("vision_tower.")]
+    tower_names = getattr(model, "TOWER", None)  # None: a module without a vision tower (the tests' toys)
+    tower = [n for n in names if tower_names and re.fullmatch(tower_names, n)]
     if tower:  # the vision tower stays as its pre-training left it
         raise ValueError(f"--target {target!r} matches {tower[0]!r}: adapters go in the language model and "
                          "the projector only")
@@ -192,7 +197,7 @@ class Method:
             raise ValueError(f"--r must be at least 1, got {r}")
         self.model, self.r, self.lora_alpha = model, r, lora_alpha
         self.num_tasks = 0
-        pattern = TARGETS.get(target or self.default_target, target or self.default_target)
+        pattern = target_pattern(model, target or self.default_target)
         self.names = inject(model, pattern, self.make_layer)
         self.layers = [model.get_submodule(n) for n in self.names]
         if not 0 <= dropout < 1:
@@ -201,7 +206,7 @@ class Method:
             layer.dropout = dropout
         self.selector = None
         if use_selector:
-            self.selector = TaskSelector(model.config.vision.hidden_size, model.config.text.hidden_size,
+            self.selector = TaskSelector(model.image_embedding_dim, model.config.text.hidden_size,
                                          device=model.lm_head.weight.device)
         self.align_weight = align_weight
         if verbose:

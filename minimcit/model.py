@@ -55,6 +55,7 @@ class TextConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool | None = None  # None: attention_bias; Qwen2 biases q, k and v but not o
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
@@ -66,6 +67,8 @@ class TextConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
 
 
 @dataclass
@@ -352,9 +355,9 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = Linear(c.hidden_size, self.n_head * self.head_dim, bias=c.attention_bias)
-        self.k_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
-        self.v_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, self.n_head * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.o_proj = Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, tokens: Tokens):  # x (B, T, C)
@@ -402,13 +405,14 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, positions, mask, cache: KVCache | None = None, tokens: Tokens | None = None,
-                checkpointing: bool = False):  # x (B, T, C) embeddings
-        """`checkpointing`: each layer's activations are dropped after the forward and recomputed in
-        the backward, with `tokens.recomputing` set (an adapter that counts statistics in its
-        forward must not count them twice)."""
+    def forward(self, x, rope, mask, cache: KVCache | None = None, tokens: Tokens | None = None,
+                checkpointing: bool = False):  # x (B, T, C) embeddings; rope: (cos, sin), each (B, 1, T, hd)
+        """`rope`: the rotary tables of the call's positions, which the backbone computes (plain
+        RoPE for LLaVA, M-RoPE for Qwen2-VL). `checkpointing`: each layer's activations are dropped
+        after the forward and recomputed in the backward, with `tokens.recomputing` set (an adapter
+        that counts statistics in its forward must not count them twice)."""
         tokens = Tokens() if tokens is None else tokens
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope
         for layer in self.layers:
             if checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, tokens, use_reentrant=False,
@@ -436,63 +440,39 @@ def attention_mask_4d(attention_mask, q_len: int, past: int):
     return mask | (k_pos == q_pos)
 
 
-# --------------------------------------------------------------------------- LLaVA
+# --------------------------------------------------------------------------- what every backbone shares
 
 
-class Llava(nn.Module):
-    def __init__(self, config: LlavaConfig):
-        super().__init__()
-        self.config = config
-        self.vision_tower = CLIPVisionTower(config.vision)
-        self.multi_modal_projector = Projector(config)
-        self.language_model = LlamaModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+class Backbone(nn.Module):
+    """A vision tower, a projector and a decoder, with the training loop's calls written once.
 
-    @classmethod
-    def from_pretrained(cls, path, *, vision_tower=None, projector=None, image_token_index=None,
-                        dtype=None, device=None) -> "Llava":
-        """Load a llava-hf / transformers checkpoint folder, or an original-LLaVA LLM folder
-        with `vision_tower=` a CLIP folder and optionally `projector=` an mm_projector file."""
-        from .checkpoint import load_llava
+    A backbone (Llava below, qwen2_vl.Qwen2VL) sets `config` (its `.text` a TextConfig, its
+    `.image_token_index` the id of an image slot), `language_model` (a LlamaModel) and `lm_head`, and
+    says everything about itself in four methods: `embed` (token embeddings with each image's
+    features at its slots), `positions` (the rotary positions of a prompt), `rope` (their cos/sin
+    tables) and `image_embedding` (each image's mean feature, the task selector's e_img). Class
+    attributes name its parts for the adapters: `TOWER` (a regex of the vision tower's module names,
+    which no adapter may enter), `PROJECTOR` (the projector's linears) and `projector_name`."""
 
-        return load_llava(cls, path, vision_tower=vision_tower, projector=projector,
-                          image_token_index=image_token_index, dtype=dtype, device=device)
+    TOWER: str
+    PROJECTOR: str
+    projector_name: str
 
-    def image_features(self, pixel_values, tokens: Tokens | None = None):  # (N, 3, H, W) -> (N, P, C_text)
-        c = self.config
-        h = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype), c.vision_feature_layer)  # (N, P+1, C_vis)
-        if c.vision_feature_select_strategy == "default":
-            h = h[:, 1:]  # drop CLS
-        return self.multi_modal_projector(h, tokens)
+    @property
+    def projector(self) -> nn.Module:
+        return self.get_submodule(self.projector_name)
 
-    def embed(self, input_ids, pixel_values=None, instruction_mask=None):
-        """Token embeddings (B, T, C) with each image's projected features written, in order, at the
-        positions holding image_token_index; and, given `instruction_mask` (B, T), each row's mean
-        input embedding over that span, float32 (B, C), else None: the instruction an adapter may
-        route by (SMoLoRA), which the projector's adapters see again one row per image."""
-        is_image = input_ids == self.config.image_token_index  # (B, T)
-        # The original layout's -200 is not a row of the table: look up a dummy row there.
-        x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
-        instruction = None if instruction_mask is None else masked_mean(x.detach().float(), instruction_mask)
-        n_slots = int(is_image.sum())
-        if pixel_values is None:
-            if n_slots:
-                raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
-            return x, instruction
-        image_tokens = None
-        if instruction is not None:  # each image's row: its sample's instruction
-            per_image = instruction
-            if len(pixel_values) != len(input_ids):  # not one image a row (the usual batch, and the memory plan's)
-                per_row = is_image.sum(1) // max(n_slots // len(pixel_values), 1)  # images in each row
-                per_image = instruction.repeat_interleave(per_row, dim=0)
-            image_tokens = Tokens(instruction=per_image)
-        feats = self.image_features(pixel_values, image_tokens)  # (N, P, C)
-        if n_slots != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "
-                             f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} features")
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype)), instruction
+    def embed(self, input_ids, pixel_values=None, instruction_mask=None):  # -> (B, T, C), (B, C) or None
+        raise NotImplementedError
+
+    def positions(self, input_ids, attention_mask, pixel_values=None):  # -> (B, T), or (3, B, T) for M-RoPE
+        raise NotImplementedError
+
+    def rope(self, positions, dtype):  # -> (cos, sin), each (B, 1, T, head_dim)
+        raise NotImplementedError
+
+    def image_embedding(self, pixel_values):  # -> (N, image_embedding_dim) float32
+        raise NotImplementedError
 
     def instruction_embedding(self, input_ids, instruction_mask):  # -> (B, C) float32, no gradient
         """Each row's mean input embedding over the tokens `instruction_mask` marks, without the
@@ -502,23 +482,24 @@ class Llava(nn.Module):
             emb = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0)).float()  # (B, T, C)
             return masked_mean(emb, instruction_mask)
 
+    def hidden(self, input_ids, pixel_values=None, attention_mask=None, instruction_mask=None,
+               checkpointing: bool = False):  # -> (B, T, C) the decoder's last hidden states
+        x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
+        rope = self.rope(self.positions(input_ids, attention_mask, pixel_values), x.dtype)
+        return self.language_model(x, rope, attention_mask_4d(attention_mask, input_ids.shape[1], 0),
+                                   tokens=_tokens(attention_mask, instruction), checkpointing=checkpointing)
+
     def forward(self, input_ids, pixel_values=None, attention_mask=None, instruction_mask=None):
         """Logits (B, T, V). `attention_mask` (B, T) marks real tokens; left or right padding.
         `instruction_mask` (B, T): the instruction span, for adapters routed by it (else unused)."""
-        x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
-        positions = _positions(attention_mask, input_ids)
-        mask = attention_mask_4d(attention_mask, input_ids.shape[1], 0)
-        return self.lm_head(self.language_model(x, positions, mask, tokens=_tokens(attention_mask, instruction)))
+        return self.lm_head(self.hidden(input_ids, pixel_values, attention_mask, instruction_mask))
 
     def answer_logits(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
                       checkpointing: bool = False, instruction_mask=None):
         """Logits (n, V) at the n positions whose next token is labelled, and those tokens (n,).
-        lm_head runs only there: in LLaVA data most positions are prompt and image tokens, so
+        lm_head runs only there: in multimodal data most positions are prompt and image tokens, so
         this skips most of the vocabulary projection. `checkpointing`: LlamaModel.forward's."""
-        x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
-        h = self.language_model(x, _positions(attention_mask, input_ids),
-                                attention_mask_4d(attention_mask, input_ids.shape[1], 0),
-                                tokens=_tokens(attention_mask, instruction), checkpointing=checkpointing)  # (B, T, C)
+        h = self.hidden(input_ids, pixel_values, attention_mask, instruction_mask, checkpointing)  # (B, T, C)
         target = labels[:, 1:]  # position t predicts token t+1
         keep = target != IGNORE_INDEX
         return self.lm_head(h[:, :-1][keep]), target[keep]  # (n, V), (n,)
@@ -545,11 +526,12 @@ class Llava(nn.Module):
             raise ValueError("generate needs left padding: every row's last token must be real")
         cache = KVCache(c, B, T + max_new_tokens, self.lm_head.weight.dtype, input_ids.device)
         mask2d = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens).bool()], dim=1)
-        positions = _positions(attention_mask, input_ids)  # (B, T)
+        positions = self.positions(input_ids, attention_mask, pixel_values)  # (B, T) or (3, B, T)
 
         x, instruction = self.embed(input_ids, pixel_values, instruction_mask)
         prompt = _tokens(attention_mask, instruction)
-        h = self.language_model(x, positions, attention_mask_4d(attention_mask, T, 0), cache, prompt)
+        h = self.language_model(x, self.rope(positions, x.dtype), attention_mask_4d(attention_mask, T, 0), cache,
+                                prompt)
         next_tok = self.lm_head(h[:, -1]).argmax(-1)  # (B,)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -559,12 +541,13 @@ class Llava(nn.Module):
             out.append(next_tok)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            positions = positions[:, -1:] + 1  # (B, 1)
+            # A new token is text: one past the last position on every axis (M-RoPE's too).
+            positions = positions[..., -1:] + 1  # (B, 1) or (3, B, 1)
             mask = mask2d[:, None, None, :cache.pos + 1]  # (B, 1, 1, S): the new token sees every real key
             # The prompt's routing decisions stand, and its rows' instructions.
             step_tokens = Tokens(decoding=True, memory=prompt.memory, instruction=prompt.instruction)
-            h = self.language_model(self.language_model.embed_tokens(next_tok[:, None]), positions, mask, cache,
-                                    step_tokens)
+            x = self.language_model.embed_tokens(next_tok[:, None])
+            h = self.language_model(x, self.rope(positions, x.dtype), mask, cache, step_tokens)
             next_tok = self.lm_head(h[:, -1]).argmax(-1)
         return torch.stack(out, dim=1)
 
@@ -573,9 +556,90 @@ def _tokens(attention_mask, instruction=None) -> Tokens:
     return Tokens(mask=None if attention_mask is None else attention_mask.bool(), instruction=instruction)
 
 
-def _positions(attention_mask, input_ids):
-    """RoPE positions: count real tokens only, so a left-padded prompt starts at 0."""
+def text_positions(attention_mask, input_ids):
+    """RoPE positions (B, T): count real tokens only, so a left-padded prompt starts at 0."""
     if attention_mask is None:
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+
+def per_image_instruction(instruction, images_per_row):  # (B, C), (B,) -> (n_images, C)
+    """Each image's row of `instruction`: its sample's, for the projector's adapters. A row may hold
+    no image (a text-only sample) or several."""
+    if instruction is None or bool((images_per_row == 1).all()):  # one image a row: the usual batch
+        return instruction
+    return instruction.repeat_interleave(images_per_row, dim=0)
+
+
+# --------------------------------------------------------------------------- LLaVA
+
+
+class Llava(Backbone):
+    TOWER = r"vision_tower\..*"
+    PROJECTOR = r"multi_modal_projector\.linear_[12]"
+    projector_name = "multi_modal_projector"
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionTower(config.vision)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = LlamaModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path, *, vision_tower=None, projector=None, image_token_index=None,
+                        dtype=None, device=None) -> "Llava":
+        """Load a llava-hf / transformers checkpoint folder, or an original-LLaVA LLM folder
+        with `vision_tower=` a CLIP folder and optionally `projector=` an mm_projector file."""
+        from .checkpoint import load_llava
+
+        return load_llava(cls, path, vision_tower=vision_tower, projector=projector,
+                          image_token_index=image_token_index, dtype=dtype, device=device)
+
+    @property
+    def image_embedding_dim(self) -> int:
+        return self.config.vision.hidden_size
+
+    def image_features(self, pixel_values, tokens: Tokens | None = None):  # (N, 3, H, W) -> (N, P, C_text)
+        c = self.config
+        h = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype), c.vision_feature_layer)  # (N, P+1, C_vis)
+        if c.vision_feature_select_strategy == "default":
+            h = h[:, 1:]  # drop CLS
+        return self.multi_modal_projector(h, tokens)
+
+    def image_embedding(self, pixel_values):  # (N, 3, H, W) -> (N, C_vis)
+        """The mean CLIP patch feature at the layer LLaVA reads, CLS excluded."""
+        hidden = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype), self.config.vision_feature_layer)
+        return hidden[:, 1:].float().mean(1)
+
+    def embed(self, input_ids, pixel_values=None, instruction_mask=None):
+        """Token embeddings (B, T, C) with each image's projected features written, in order, at the
+        positions holding image_token_index; and, given `instruction_mask` (B, T), each row's mean
+        input embedding over that span, float32 (B, C), else None: the instruction an adapter may
+        route by (SMoLoRA), which the projector's adapters see again one row per image."""
+        is_image = input_ids == self.config.image_token_index  # (B, T)
+        # The original layout's -200 is not a row of the table: look up a dummy row there.
+        x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, C)
+        instruction = None if instruction_mask is None else masked_mean(x.detach().float(), instruction_mask)
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
+            return x, instruction
+        per_row = is_image.sum(1) // max(n_slots // len(pixel_values), 1)  # (B,) images in each row
+        per_image = per_image_instruction(instruction, per_row)
+        feats = self.image_features(pixel_values, None if per_image is None else Tokens(instruction=per_image))
+        if n_slots != feats.shape[0] * feats.shape[1]:  # (N, P, C)
+            raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "
+                             f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} features")
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype)), instruction
+
+    def positions(self, input_ids, attention_mask, pixel_values=None):
+        return text_positions(attention_mask, input_ids)
+
+    def rope(self, positions, dtype):
+        c = self.config.text
+        return rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype)

@@ -68,7 +68,9 @@ class TextTokenizer:
     """A tokenizer.json read with `tokenizers`; BOS/EOS are added by us, never by its template,
     so prompts are built the same way whatever the file's post-processor says."""
 
-    def __init__(self, path):
+    def __init__(self, path, eos: str | None = None):
+        """`eos`: the token that ends an answer, where the prompt fixes it (Qwen2-VL's <|im_end|>);
+        else tokenizer_config.json's eos_token, else '</s>'."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -81,8 +83,9 @@ class TextTokenizer:
         cfg = file.parent / "tokenizer_config.json"
         if cfg.is_file():
             special = json.loads(cfg.read_text())
-        self.bos_id = self._special(special.get("bos_token"), "<s>", file)
-        self.eos_id = self._special(special.get("eos_token"), "</s>", file)
+        # Optional: Qwen's tokenizers have none (a prompt that needs one says so, LlavaPrompt.encode).
+        self.bos_id = self._special(special.get("bos_token"), "<s>", file, required=False)
+        self.eos_id = self._special(eos or special.get("eos_token"), "</s>", file)
         pad = self._special(special.get("pad_token"), "<pad>", file, required=False)
         self.pad_id = self.eos_id if pad is None else pad
 
@@ -170,3 +173,46 @@ def encode_plain(tok: TextTokenizer, caption: str, *, num_image_tokens: int, ima
     prefix = [tok.bos_id] + [image_token_index] * num_image_tokens
     target = tok.encode(caption) + [tok.eos_id]
     return Encoded(prefix + target, [IGNORE_INDEX] * len(prefix) + target, slice(len(prefix), len(prefix)))
+
+
+# --------------------------------------------------------------------------- a backbone's prompt
+
+
+class LlavaPrompt:
+    """How LLaVA-1.5 makes a sample's model inputs: the vicuna_v1 conversation (or stage 1's plain
+    template) with `<image>` as num_image_tokens slots, and each image padded to a square, resized and
+    normalised to (3, image_size, image_size); a batch's images stacked. The Collator asks a backbone's
+    prompt for exactly these four things (qwen2_vl.Qwen2VLPrompt is the other)."""
+
+    def __init__(self, num_image_tokens: int, image_token_index: int, image_size: int, system: str = SYSTEM,
+                 plain: bool = False):
+        self.n_img, self.img_id, self.image_size = num_image_tokens, image_token_index, image_size
+        self.system, self.plain = system, plain
+
+    def image(self, image) -> torch.Tensor:  # a PIL image or a path -> (3, S, S)
+        if isinstance(image, Image.Image):
+            return preprocess_image(image, self.image_size)
+        return load_image(image, self.image_size)
+
+    def images(self, pixels: list) -> torch.Tensor:  # -> pixel_values (N, 3, S, S)
+        return torch.stack(pixels)
+
+    def slots(self, pixels) -> int:  # the image tokens of an image()
+        return self.n_img
+
+    def image_tokens(self, image) -> int:  # the same, from a PIL image or a path, without decoding it
+        return self.n_img
+
+    def encode(self, tok: TextTokenizer, s, slots: int, prompt_only: bool = False) -> Encoded:
+        """One sample's ids, labels and instruction span (`slots`: its image's tokens, always n_img here)."""
+        if tok.bos_id is None:
+            raise ValueError("LLaVA's prompt starts with bos, but the tokenizer has no '<s>' and its "
+                             "tokenizer_config.json names no bos_token; use the tokenizer that belongs to the model")
+        if self.plain:
+            r = encode_plain(tok, "" if prompt_only else s.answer, num_image_tokens=self.n_img,
+                             image_token_index=self.img_id)
+            # the prompt is the image alone: drop the empty caption's eos
+            return r._replace(ids=r.ids[:-1], labels=r.labels[:-1]) if prompt_only else r
+        return encode_example(tok, s.question, None if prompt_only else s.answer, num_image_tokens=self.n_img,
+                              image_token_index=self.img_id, with_image=s.image is not None,
+                              later_turns=() if prompt_only else s.later_turns, system=self.system)

@@ -1,17 +1,22 @@
-"""Qwen2-VL, the second backbone (issue 26), written from transformers' `qwen2_vl` files.
+"""Qwen2-VL written out: its image inputs, its vision tower, and a Qwen2 decoder with M-RoPE.
 
-In progress: so far its image inputs, as transformers' Qwen2VLImageProcessorPil makes them
-(image_processing_pil_qwen2_vl.py: `smart_resize`, `_preprocess`, `patchify`), and its vision
-tower (modeling_qwen2_vl.py: PatchEmbed, Qwen2VLVisionRotaryEmbedding, VisionAttention,
-Qwen2VLVisionBlock, PatchMerger, Qwen2VisionTransformerPretrainedModel), with transformers'
-module names. The decoder with M-RoPE, the chat template and the loader follow in this file;
-nothing else in minimcit uses it yet.
+Read from transformers' `qwen2_vl` files (5.24): image_processing_pil_qwen2_vl.py (`smart_resize`,
+`_preprocess`, `patchify`) and modeling_qwen2_vl.py (PatchEmbed, Qwen2VLVisionRotaryEmbedding,
+VisionAttention, Qwen2VLVisionBlock, PatchMerger, Qwen2VisionTransformerPretrainedModel,
+Qwen2VLRotaryEmbedding, Qwen2VLAttention, get_rope_index), and the Qwen2-VL paper (arXiv
+2409.12191, Sec. 2.1: naive dynamic resolution and M-RoPE). Module names follow transformers'
+tree without its `model.` prefix (`visual.blocks.0.attn.qkv`, `language_model.layers.0.mlp.up_proj`,
+`lm_head`), so the decoder's linears carry the LLaMA names every adapter targets. The decoder is
+model.py's LLaMA one: Qwen2 differs only in biases on q, k and v (TextConfig.qkv_bias) and in the
+rotary positions this file computes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .model import ACT
+from .processing import Encoded
+
+from .model import ACT, IGNORE_INDEX, Backbone, Linear, LlamaModel, TextConfig, Tokens, masked_mean, per_image_instruction
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / _STD, as for LLaVA's tower
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -166,16 +173,21 @@ class VisionBlock(nn.Module):
 
 class PatchMerger(nn.Module):
     """LayerNorm, then each 2 x 2 block's four patches (contiguous in the patches' order) side by side
-    through Linear -> GELU -> Linear to the LLM's width."""
+    through Linear -> GELU -> Linear to the LLM's width: Qwen2-VL's projector. Its linears take the
+    images' Tokens, one row per image, as LLaVA's projector's do, so an adapter there routes per image."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.width = c.embed_dim * c.spatial_merge_size ** 2
         self.ln_q = nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(), nn.Linear(self.width, c.hidden_size))
+        self.mlp = nn.Sequential(Linear(self.width, self.width), nn.GELU(), Linear(self.width, c.hidden_size))
 
-    def forward(self, x):  # (N, embed_dim) -> (N / 4, hidden_size)
-        return self.mlp(self.ln_q(x).view(-1, self.width))
+    def forward(self, x, sizes: list[int], tokens: Tokens | None = None):  # x (N, embed_dim) -> (N / 4, hidden)
+        x = self.ln_q(x).view(-1, self.width)  # (M, 4 embed_dim): M merged tokens, image after image
+        rows = nn.utils.rnn.pad_sequence(x.split(sizes), batch_first=True)  # (images, P, 4 embed_dim)
+        mask = torch.arange(rows.shape[1], device=x.device) < torch.tensor(sizes, device=x.device)[:, None]
+        t = Tokens(mask=mask, instruction=None if tokens is None else tokens.instruction)
+        return self.mlp[2](self.mlp[1](self.mlp[0](rows, t)), t)[mask]  # (M, hidden)
 
 
 class VisionTower(nn.Module):
@@ -188,7 +200,7 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
         self.merger = PatchMerger(c)
 
-    def forward(self, pixel_values, grid_thw):  # (N, C t p p), (images, 3)
+    def encode(self, pixel_values, grid_thw):  # (N, C t p p), (images, 3) -> (N, embed_dim) before the merger
         c = self.config
         cos, sin = vision_rotary(vision_positions(grid_thw, c.spatial_merge_size), c.embed_dim // c.num_heads,
                                  c.rope_theta)
@@ -198,4 +210,311 @@ class VisionTower(nn.Module):
         x = self.patch_embed(pixel_values)
         for block in self.blocks:
             x = block(x, cos, sin, same_image)
-        return self.merger(x)
+        return x
+
+    def forward(self, pixel_values, grid_thw, tokens: Tokens | None = None):
+        sizes = (grid_thw.prod(-1) // self.config.spatial_merge_size ** 2).tolist()  # merged tokens per image
+        return self.merger(self.encode(pixel_values, grid_thw), sizes, tokens)
+
+
+# --------------------------------------------------------------------------- config
+
+# Qwen2VLTextConfig's defaults where they differ from TextConfig's, for a config.json that omits them.
+TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                     num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
+                     max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645)
+
+
+@dataclass
+class Qwen2VLConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=lambda: TextConfig(**TEXT_DEFAULTS, qkv_bias=True))
+    # M-RoPE: how many of the head's head_dim / 2 rotary frequencies go to time, height and width.
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    image_token_index: int = 151655  # <|image_pad|>
+    vision_start_token_id: int = 151652  # <|vision_start|>
+    vision_end_token_id: int = 151653  # <|vision_end|>
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Qwen2VLConfig":
+        """From a Qwen2-VL `config.json`: the hub's flat spelling (text fields at the top, `rope_scaling`)
+        or transformers 5's (`text_config` with `rope_parameters`). `source` names the file in errors."""
+        if not isinstance(d.get("vision_config"), dict):
+            raise ValueError(f"{source}: missing field 'vision_config'")
+        text = dict(d["text_config"]) if isinstance(d.get("text_config"), dict) else dict(d)
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+            raise ValueError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                             "(Qwen2-VL uses M-RoPE)")
+        text["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", TEXT_DEFAULTS["rope_theta"]))
+        if text.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported (Qwen2-VL's checkpoints set false)")
+        tie = d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False)  # v5 keeps it at the top
+        vision = dict(d["vision_config"])
+        vision.setdefault("in_channels", vision.get("in_chans", 3))  # the hub's spelling
+        t = {**TEXT_DEFAULTS, **{k: text[k] for k in (f.name for f in fields(TextConfig)) if text.get(k) is not None}}
+        eos = t["eos_token_id"]
+        cfg = cls(
+            vision=VisionConfig(**{f.name: vision[f.name] for f in fields(VisionConfig) if vision.get(f.name) is not None}),
+            text=TextConfig(**{**t, "eos_token_id": eos[0] if isinstance(eos, list) else eos, "qkv_bias": True,
+                               "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": bool(tie),
+                               "head_dim": None}),
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            image_token_index=d.get("image_token_id", 151655),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+        )
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        for part, c in (("vision_config", self.vision), ("text_config", self.text)):
+            for f in fields(c):  # every size and count: a positive integer, or the model cannot be built
+                value = getattr(c, f.name)
+                if f.name.endswith(("_size", "_layers", "_heads", "_dim", "depth")) and not (
+                        isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                    raise ValueError(f"{source}: field '{part}.{f.name}' should be a positive integer, got {value!r}")
+        t, v = self.text, self.vision
+        checks = [
+            (sum(self.mrope_section) * 2 == t.head_dim and len(self.mrope_section) == 3, "rope mrope_section",
+             f"{list(self.mrope_section)} (three sections summing to head_dim / 2 = {t.head_dim // 2})"),
+            (t.num_attention_heads * t.head_dim == t.hidden_size, "text_config.num_attention_heads",
+             t.num_attention_heads),
+            (t.num_attention_heads % t.num_key_value_heads == 0, "text_config.num_key_value_heads",
+             t.num_key_value_heads),
+            (t.hidden_act == "silu", "text_config.hidden_act", t.hidden_act),
+            (v.hidden_act in ACT, "vision_config.hidden_act", v.hidden_act),
+            (v.embed_dim % v.num_heads == 0, "vision_config.num_heads", v.num_heads),
+            (v.hidden_size == t.hidden_size, "vision_config.hidden_size",
+             f"{v.hidden_size} (the merger's output must be the LLM's width, {t.hidden_size})"),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise ValueError(f"{source}: unsupported value {value!r} for field {name!r}")
+
+
+# --------------------------------------------------------------------------- M-RoPE
+
+
+def rope_index(input_ids, attention_mask, grid_thw, image_token_index: int, merge: int):  # -> (3, B, T)
+    """Each token's (time, height, width) position (get_rope_index): text tokens on the diagonal,
+    counting real tokens only; an image's tokens on its merged grid, offset by the position it
+    starts at; the text after an image resumes at that offset plus the grid's longer side. Pads: 0."""
+    B, T = input_ids.shape
+    out = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
+    grids = iter([] if grid_thw is None else grid_thw.tolist())
+    for b in range(B):
+        real = torch.ones(T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+            else attention_mask[b].bool()
+        pos, start = [], 0
+        for is_image, run in itertools.groupby((input_ids[b][real] == image_token_index).tolist()):
+            n = len(list(run))
+            if not is_image:
+                pos.append(torch.arange(n).expand(3, -1) + start)
+                start += n
+                continue
+            grid = next(grids, None)
+            if grid is None:
+                raise ValueError(f"input_ids hold more images than the {0 if grid_thw is None else len(grid_thw)} grids given")
+            t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+            if n != t * h * w:
+                raise ValueError(f"row {b}: an image of {n} tokens (id {image_token_index}) but its grid {grid} "
+                                 f"gives {t * h * w}")
+            pos.append(torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+                       .reshape(3, -1) + start)
+            start += max(h, w)
+        if pos:
+            out[:, b, real] = torch.cat(pos, 1).to(out.device)
+    return out
+
+
+def mrope_cos_sin(positions, head_dim: int, theta: float, section, dtype):  # (3, B, T) -> 2 x (B, 1, T, hd)
+    """M-RoPE's tables (Qwen2VLRotaryEmbedding): LLaMA's frequencies, the first section[0] of them
+    turned by the time position, the next section[1] by the height, the last by the width. On text
+    all three positions are equal, so a text token is rotated exactly as in plain RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (3, B, T, hd/2), in fp32 even under bf16
+    axis = torch.repeat_interleave(torch.arange(3, device=positions.device), torch.tensor(section,
+                                                                                         device=positions.device))
+    f = freqs.gather(0, axis.expand(1, *freqs.shape[1:3], -1))[0]  # (B, T, hd/2): frequency j takes axis[j]
+    emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# --------------------------------------------------------------------------- Qwen2-VL
+
+
+@dataclass
+class ImagePatches:
+    """A batch's images as Qwen2-VL takes them, its `pixel_values`: every image's patches one image
+    after another (image_patches), and each image's (t, h, w) grid of patches."""
+    patches: torch.Tensor  # (sum of t h w, 3 * temporal * patch^2)
+    grid_thw: torch.Tensor  # (images, 3) long
+
+    @classmethod
+    def of(cls, images: list) -> "ImagePatches":  # [image_patches(...) of each image]
+        return cls(torch.cat([p for p, _ in images]), torch.tensor([g for _, g in images], dtype=torch.long))
+
+    def to(self, device, non_blocking: bool = False) -> "ImagePatches":
+        return ImagePatches(self.patches.to(device, non_blocking=non_blocking),
+                            self.grid_thw.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "ImagePatches":  # DataLoader(pin_memory=True) calls it
+        return ImagePatches(self.patches.pin_memory(), self.grid_thw.pin_memory())
+
+    def __len__(self) -> int:
+        return len(self.grid_thw)
+
+
+class Qwen2VL(Backbone):
+    TOWER = r"visual\.(?!merger\.).*"  # the merger is the projector
+    PROJECTOR = r"visual\.merger\.mlp\.[02]"
+    projector_name = "visual.merger"
+
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config.vision)
+        self.language_model = LlamaModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None) -> "Qwen2VL":
+        """Load a Qwen2-VL folder as the hub holds it or transformers saves it (single or sharded)."""
+        from .checkpoint import load_weights, read_json, weight_files
+
+        path = Path(path)
+        config = Qwen2VLConfig.from_dict(read_json(path / "config.json"), source=str(path / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, [(f, LAYOUT) for f in weight_files(path)], dtype or torch.float32, device or "cpu")
+        return model
+
+    @property
+    def image_embedding_dim(self) -> int:
+        return self.config.vision.embed_dim
+
+    def image_embedding(self, pixel_values: ImagePatches):  # -> (N, embed_dim)
+        """Each image's mean patch feature after the tower's last block, before the merger (Decision:
+        the counterpart of LLaVA's CLIP patches, which are read before its projector)."""
+        x = self.visual.encode(pixel_values.patches, pixel_values.grid_thw).float()  # (sum t h w, E)
+        return torch.stack([p.mean(0) for p in x.split(pixel_values.grid_thw.prod(-1).tolist())])
+
+    def embed(self, input_ids, pixel_values: ImagePatches | None = None, instruction_mask=None):
+        """Token embeddings (B, T, C) with each image's merged features written, in order, at its
+        <|image_pad|> slots; and, given `instruction_mask`, each row's mean input embedding over that
+        span (B, C) float32, else None (Llava.embed's)."""
+        is_image = input_ids == self.config.image_token_index  # (B, T)
+        x = self.language_model.embed_tokens(input_ids)  # (B, T, C); the pad rows are overwritten below
+        instruction = None if instruction_mask is None else masked_mean(x.detach().float(), instruction_mask)
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
+            return x, instruction
+        grid = pixel_values.grid_thw
+        per_token = grid.prod(-1) // self.config.vision.spatial_merge_size ** 2  # (N,) slots of each image
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, T): each image's first slot
+        per_image = per_image_instruction(instruction, starts.sum(1))
+        feats = self.visual(pixel_values.patches.to(self.lm_head.weight.dtype), grid,
+                            None if per_image is None else Tokens(instruction=per_image))  # (M, C)
+        if n_slots != len(feats):
+            raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "
+                             f"{len(grid)} image(s) give {int(per_token.sum())} features")
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype)), instruction
+
+    def positions(self, input_ids, attention_mask, pixel_values: ImagePatches | None = None):  # -> (3, B, T)
+        return rope_index(input_ids, attention_mask, None if pixel_values is None else pixel_values.grid_thw,
+                          self.config.image_token_index, self.config.vision.spatial_merge_size)
+
+    def rope(self, positions, dtype):
+        c = self.config
+        return mrope_cos_sin(positions, c.text.head_dim, c.text.rope_theta, c.mrope_section, dtype)
+
+
+# The hub's keys (visual., model., lm_head.) and transformers 5's (model.visual., model.language_model.)
+# -> ours; checkpoint.load_weights applies the first rule that matches and reports any key left over.
+LAYOUT = [
+    (r"^(model\.)?visual\.", "visual."),
+    (r"^model\.language_model\.", "language_model."),
+    (r"^model\.", "language_model."),
+    (r"^lm_head\.", "lm_head."),
+]
+
+
+# --------------------------------------------------------------------------- the chat template
+
+SYSTEM = "You are a helpful assistant."  # the chat template's system message when a conversation gives none
+TURN_END = "<|im_end|>"  # ends every turn; generation stops at it (the Instruct generation_config's eos)
+
+
+class Qwen2VLPrompt:
+    """How Qwen2-VL makes a sample's model inputs (processing.LlavaPrompt's four calls): the Instruct
+    chat template (its chat_template.json; Qwen2VLProcessor expands each <|image_pad|> to the image's
+    merged tokens),
+
+        <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|> x n
+        <|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>
+
+    with later turns appended as `\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>`,
+    labels on each answer and its <|im_end|> only (Decision: the newline after it, which the template
+    writes before the next turn, carries no loss), and the image in patches at its own resolution
+    (image_patches). system="" drops the system turn."""
+
+    def __init__(self, config: Qwen2VLConfig, system: str = SYSTEM, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280):
+        self.c, self.system, self.min_pixels, self.max_pixels = config, system, min_pixels, max_pixels
+        self.factor = config.vision.patch_size * config.vision.spatial_merge_size
+
+    def image(self, image):  # a PIL image or a path -> (patches, (1, gh, gw))
+        v = self.c.vision
+        if isinstance(image, Image.Image):
+            return image_patches(image, v.patch_size, v.spatial_merge_size, v.temporal_patch_size,
+                                 self.min_pixels, self.max_pixels)
+        try:
+            with Image.open(image) as img:
+                return self.image(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot read image {image}: {e}") from None
+
+    def images(self, pixels: list) -> ImagePatches:
+        return ImagePatches.of(pixels)
+
+    def slots(self, pixels) -> int:  # merged tokens of an image(): its grid over merge^2
+        _, (t, h, w) = pixels
+        return t * h * w // self.c.vision.spatial_merge_size ** 2
+
+    def image_tokens(self, image) -> int:  # the same from the image's size, read from its header
+        if isinstance(image, Image.Image):
+            w, h = image.size
+        else:
+            try:
+                with Image.open(image) as img:
+                    w, h = img.size
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"cannot read image {image}: {e}") from None
+        gh, gw = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
+        return (gh // self.factor) * (gw // self.factor)
+
+    def encode(self, tok, s, slots: int, prompt_only: bool = False) -> Encoded:
+        end = tok.tok.token_to_id(TURN_END)
+        if end is None or tok.eos_id != end:
+            raise ValueError(f"the tokenizer must end turns with {TURN_END!r} (TextTokenizer(path, eos={TURN_END!r}))")
+        head = (f"<|im_start|>system\n{self.system}{TURN_END}\n" if self.system else "") + "<|im_start|>user\n"
+        ids = tok.encode(head)
+        if s.image is not None:
+            ids += [self.c.vision_start_token_id] + [self.c.image_token_index] * slots + [self.c.vision_end_token_id]
+        question = tok.encode(f"{s.question}{TURN_END}\n<|im_start|>assistant\n")
+        instruction = slice(len(ids), len(ids) + len(question))  # the question through "assistant\n"
+        ids = ids + question
+        labels = [IGNORE_INDEX] * len(ids)
+        turns = [] if prompt_only else [(None, s.answer), *s.later_turns]
+        for q, a in turns:
+            if q is not None:  # a later turn's question carries no loss
+                text = tok.encode(f"\n<|im_start|>user\n{q}{TURN_END}\n<|im_start|>assistant\n")
+                ids, labels = ids + text, labels + [IGNORE_INDEX] * len(text)
+            answer = tok.encode(a) + [end]
+            ids, labels = ids + answer, labels + answer
+        return Encoded(ids, labels, instruction)

@@ -125,7 +125,7 @@ def save_checkpoint(ckpt_dir: Path, stage: int, method, projector: list) -> None
              "frozen": sorted(n for n, v in method.adapter_tensors().items()
                               if isinstance(v, nn.Parameter) and not v.requires_grad)}
     if projector:
-        state["projector"] = method.model.multi_modal_projector.state_dict()
+        state["projector"] = method.model.projector.state_dict()
     atomic_write(ckpt_dir / f"after_stage_{stage}.pt", lambda tmp: torch.save(state, tmp))
 
 
@@ -156,7 +156,7 @@ def load_checkpoint(path: Path, method, model, cfg) -> None:
         if isinstance(v, nn.Parameter):
             v.requires_grad_(name not in frozen)
     if "projector" in state:
-        model.multi_modal_projector.load_state_dict(state["projector"])
+        model.projector.load_state_dict(state["projector"])
 
 
 def write_predictions(out: Path, stage: int, items: dict) -> None:

@@ -46,17 +46,16 @@ class TaskSelector(nn.Module):
 
 
 def sample_embeddings(model, input_ids, pixel_values, instruction_mask):
-    """(e_img, e_txt) of each sample, from the frozen model: the mean CLIP patch feature at the
-    layer LLaVA reads, and the mean input embedding of the instruction, the span the collator
+    """(e_img, e_txt) of each sample, from the frozen model: its image's mean vision feature
+    (`image_embedding`: for LLaVA the CLIP patches at the layer it reads), and the mean input embedding of the instruction, the span the collator
     marks (the question and "ASSISTANT:"; the system prompt before the image is the same for
     every task and would only dilute the signal)."""
     c = model.config
     with torch.no_grad():
         is_image = input_ids == c.image_token_index  # (B, T)
         # A text-only sample has e_img = 0: cos 0 with every image key, so its text alone decides.
-        e_img = torch.zeros(len(input_ids), c.vision.hidden_size, device=input_ids.device)  # (B, Cv)
+        e_img = torch.zeros(len(input_ids), model.image_embedding_dim, device=input_ids.device)  # (B, Cv)
         if pixel_values is not None:
-            hidden = model.vision_tower(pixel_values.to(model.lm_head.weight.dtype), c.vision_feature_layer)
-            e_img[is_image.any(1)] = hidden[:, 1:].float().mean(1)  # mean over patches, CLS excluded
+            e_img[is_image.any(1)] = model.image_embedding(pixel_values)
         e_txt = model.instruction_embedding(input_ids, instruction_mask)  # (B, Ct)
     return e_img, e_txt

@@ -29,7 +29,7 @@ from . import distributed as dist
 from .data import Collator, Sample, Task
 from .method import Method, stream_seed
 from .metrics import tasks_answered_per_row, tasks_answered_per_stage, continual_summary
-from .model import IGNORE_INDEX, Llava
+from .model import IGNORE_INDEX, Backbone
 from .official import percent, score_items
 from .runfolder import (first_difference, load_checkpoint, read_results, run_lock, save_checkpoint, save_results,
                         seeded_start_task, stages_done, write_predictions)
@@ -99,7 +99,7 @@ def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
     return {k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
-def autocast(device, model: Llava):
+def autocast(device, model: Backbone):
     """bf16 autocast wherever the base model is held in bf16, on CUDA and on CPU alike, so a CPU
     run with --dtype bf16 takes the path a GPU run takes (bf16 base, fp32 adapters and optimiser
     state); an fp32 base runs without it."""
@@ -122,7 +122,7 @@ def modality_length_order(perm: list, samples: list[Sample], per_step: int, g: t
     return [i for chunk in full for i in chunk] + sorted((i for c in rest for i in c), key=lambda i: -length[i])
 
 
-def micro_step(model: Llava, method: Method | None, b: dict, n_tokens, n_micro: int, task: int, device,
+def micro_step(model: Backbone, method: Method | None, b: dict, n_tokens, n_micro: int, task: int, device,
                checkpointing: bool = False):
     """Forward and backward of one micro-batch of a step with `n_tokens` answer tokens (a number,
     or a tensor on the device) over its `n_micro` micro-batches; gradients accumulate in .grad.
@@ -150,7 +150,7 @@ def step_loss(method: Method | None, task: int, share: float):
     return extra.detach()
 
 
-def sample_losses(model: Llava, method: Method, samples: list[Sample], collator: Collator, seed: int, device):
+def sample_losses(model: Backbone, method: Method, samples: list[Sample], collator: Collator, seed: int, device):
     """n -> the losses (mean over each one's answer tokens) of n of `samples` drawn from `seed`,
     one sample per forward, dropout off, gradients on: what end_task gets to measure a task's
     data with (EWC's Fisher). Every process draws the same samples, so state agrees."""
@@ -190,7 +190,7 @@ def stage_steps(samples: list[Sample], cfg: TrainConfig, stage: int) -> list[lis
     return [[idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)] for idx in steps]
 
 
-def refuse_untrained(model: Llava, params: list, label: str) -> None:
+def refuse_untrained(model: Backbone, params: list, label: str) -> None:
     """Model tensors that take gradients outside the optimiser: autograd would fill their .grad at
     every step (a 7B base's worth of memory) and nothing would read it."""
     untrained = {id(p) for p in model.parameters() if p.requires_grad} - {id(p) for p in params}
@@ -209,7 +209,7 @@ def batches(samples: list[Sample], chunks: list[list[int]], collator: Collator, 
                                             prefetch_factor=4 if num_workers else None))
 
 
-def train_stage(model: Llava, groups: list[dict], samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
+def train_stage(model: Backbone, groups: list[dict], samples: list[Sample], collator: Collator, cfg: TrainConfig, *,
                 stage: int, label: str, method: Method | None = None, task: int = 0, device="cpu",
                 quiet: bool = False, projector=()) -> list:
     """Train the parameter `groups` (and `projector`, at cfg.projector_lr) on `samples` for cfg.epochs;
@@ -296,7 +296,7 @@ def dealt(samples: list[Sample], collator: Collator, cfg: TrainConfig, device, a
     return [found[i] for i in range(len(samples))]
 
 
-def predict(model: Llava, samples: list[Sample], collator: Collator, cfg: TrainConfig, *, method=None,
+def predict(model: Backbone, samples: list[Sample], collator: Collator, cfg: TrainConfig, *, method=None,
             trained: int = 0, identity: str = "oracle", true_task: int = 0, device="cpu", label=None):
     """Greedy answers for `samples`, with the task chosen by oracle identity or the selector.
     Returns (predictions, selector hits or None). The items are grouped by the task whose
@@ -399,7 +399,7 @@ class Experiment:
     """One continual run, resolved once from recipe, preset and flags (run.py's `build`); the loop
     reads everything from here. Its `config` in results.json (the method, the tasks, the recipe
     and `run_info`: hyper-parameters, data paths and hashes) is what --resume checks."""
-    model: Llava
+    model: Backbone
     method: Method  # already injected into the model
     tasks: list[Task]
     collator: Collator
@@ -611,15 +611,15 @@ def saved_records(path: Path, scoring: dict) -> list[dict]:
     return records
 
 
-def trained_projector(model: Llava, method: Method, cfg: TrainConfig) -> list[nn.Parameter]:
+def trained_projector(model: Backbone, method: Method, cfg: TrainConfig) -> list[nn.Parameter]:
     """The projector's own weights when `train_projector` is set (CoIN's recipe), made
     trainable; they are not an adapter, so the method neither counts nor saves them."""
     if not cfg.train_projector:
         return []
-    if any(n.startswith("multi_modal_projector.") for n in method.names):
+    if any(n.startswith(model.projector_name + ".") for n in method.names):
         raise ValueError(f"--train-projector: {type(method).__name__} already adapts the projector "
                          "(its linears hold adapters); drop the flag")
-    params = list(model.multi_modal_projector.parameters())
+    params = list(model.projector.parameters())
     for p in params:  # trained weights and their AdamW state in fp32, as the adapters
         p.data = p.data.float()  # per tensor, not Module.float(), which fake tensors (bench_7b.py) refuse
         p.requires_grad_(True)

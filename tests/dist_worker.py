@@ -13,7 +13,7 @@ from minimcit import distributed as dist
 from minimcit.methods import make_method
 from minimcit.data import Collator
 from minimcit.minicoin import minicoin
-from minimcit.processing import TextTokenizer
+from minimcit.processing import LlavaPrompt, TextTokenizer
 from minimcit.runfolder import seeded_start_task
 from minimcit.train import TrainConfig, train_stage
 
@@ -27,7 +27,7 @@ def main(folder: Path) -> None:
     if dist.is_main():
         tok.save(str(folder / "tokenizer.json"))
     dist.barrier()
-    collator = Collator(TextTokenizer(folder), num_image_tokens=4, image_token_index=63, image_size=28)
+    collator = Collator(TextTokenizer(folder), LlavaPrompt(num_image_tokens=4, image_token_index=63, image_size=28))
     tasks = minicoin("minicoin", "smoke", 0, n_train=8, n_test=1)
     for t in tasks:
         for s in t.train:

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from minimcit.data import COIN, CVIT, EVAL_FILES, Collator, Sample, load_benchmark, missing_images
 from minimcit.model import IGNORE_INDEX
-from minimcit.processing import TextTokenizer
+from minimcit.processing import LlavaPrompt, TextTokenizer
 
 
 # --------------------------------------------------------------------------- real formats
@@ -179,7 +179,7 @@ def collator(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.save(str(tmp_path / "tokenizer.json"))
-    return Collator(TextTokenizer(tmp_path), num_image_tokens=4, image_token_index=-200, image_size=28)
+    return Collator(TextTokenizer(tmp_path), LlavaPrompt(num_image_tokens=4, image_token_index=-200, image_size=28))
 
 
 def test_collator_pads_right_for_training_left_for_generation(collator):
@@ -215,7 +215,7 @@ def test_collator_names_unreadable_images(collator, tmp_path):
 
 
 def test_plain_collation_for_stage1(collator):
-    collator.plain = True
+    collator.prompt.plain = True
     img = Image.new("RGB", (28, 28), "blue")
     b = collator([Sample("t", "ignored ?", "red", image=img), Sample("t", "x", "red blue", image=img)])
     assert b["input_ids"][1].tolist() == [1, -200, -200, -200, -200, 4, 5, 2]

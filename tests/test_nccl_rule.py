@@ -17,7 +17,7 @@ from minimcit import distributed as dist
 from minimcit.data import Collator
 from minimcit.methods import make_method
 from minimcit.minicoin import minicoin
-from minimcit.processing import TextTokenizer
+from minimcit.processing import LlavaPrompt, TextTokenizer
 from minimcit.runfolder import seeded_start_task
 from minimcit.train import TrainConfig, train_stage
 
@@ -54,7 +54,7 @@ def tiny_run_parts(folder):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
-    collator = Collator(TextTokenizer(folder), num_image_tokens=4, image_token_index=63, image_size=28)
+    collator = Collator(TextTokenizer(folder), LlavaPrompt(num_image_tokens=4, image_token_index=63, image_size=28))
     tasks = minicoin("minicoin", "smoke", 0, n_train=8, n_test=1)
     for t in tasks:
         for s in t.train:

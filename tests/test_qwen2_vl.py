@@ -60,3 +60,121 @@ def test_vision_tower_equals_transformers_on_images_of_several_grids():
         got = ours(pixels, grid)
     assert got.shape == (pixels.shape[0] // 4, 24)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the whole model against transformers
+
+IMAGE, VIDEO, START, END = 120, 123, 121, 122  # the tiny vocabulary's <|image_pad|>, video, vision start/end
+
+# Three tiny shapes: GQA with tied embeddings; one KV head, untied, one vision block; plain multi-head with
+# head_dim 8 (M-RoPE sections of 1, 1, 2 frequencies).
+CONFIGS = [
+    dict(hidden=64, heads=4, kv=2, layers=2, section=[2, 3, 3], tie=True, depth=2),
+    dict(hidden=48, heads=2, kv=1, layers=2, section=[4, 4, 4], tie=False, depth=1),
+    dict(hidden=64, heads=8, kv=8, layers=3, section=[1, 1, 2], tie=True, depth=2),
+]
+
+
+def hf_qwen2_vl(folder, hidden, heads, kv, layers, section, tie, depth, seed=0):
+    """A random transformers Qwen2VLForConditionalGeneration, weights scaled so that attention is far from
+    uniform (positions and masks then show in the logits), saved by save_pretrained into `folder`."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, eos_token_id=3, bos_token_id=None,
+                         pad_token_id=0, rope_parameters={"rope_type": "default", "mrope_section": section,
+                                                          "rope_theta": 10000.0}),
+        vision_config=dict(depth=depth, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
+        tie_word_embeddings=tie)
+    ref = Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+            elif "norm" in name or "ln_q" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.3)  # biases: q/k/v's matter to the rotary
+    ref.save_pretrained(folder)
+    return ref
+
+
+def images(sizes, seed=1):  # [(h, w)] -> [image_patches of a random image of each size]
+    rng = np.random.default_rng(seed)
+    return [image_patches(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for h, w in sizes]
+
+
+def slots(part):  # the text of one image: <|vision_start|> <|image_pad|> x (merged tokens) <|vision_end|>
+    _, (t, h, w) = part
+    return [START] + [IMAGE] * (t * h * w // 4) + [END]
+
+
+def batch(rows, left: bool):
+    T = max(map(len, rows))
+    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+    return ids, mask
+
+
+def hf_inputs(ids, mask, px):
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px.patches, image_grid_thw=px.grid_thw,
+                mm_token_type_ids=(ids == IMAGE).int())  # transformers 5 needs the token types with images
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "qwen2vl"
+
+
+@pytest.mark.parametrize("shape", CONFIGS, ids=["gqa-tied", "one-kv-untied", "mha-hd8"])
+def test_logits_equal_transformers(folder, shape):
+    """Images of three sizes and aspect ratios (4 x 6, 8 x 4 and 4 x 4 patches), a row with two images, a
+    text-only row, right padding; our model loaded by from_pretrained from transformers' own save."""
+    from minimcit.qwen2_vl import ImagePatches, Qwen2VL
+
+    ref = hf_qwen2_vl(folder, **shape)
+    ours = Qwen2VL.from_pretrained(folder).eval()
+    a, b, c = images([(56, 84), (112, 56), (56, 56)])
+    rows = [[5, 6, *slots(a), 7, 8, 9], [5, *slots(b), 10, 11, 12, 13, 14, 15, 16, 17], [9, 8, 7, 6],
+            [5, *slots(c), 7, *slots(a), 8]]
+    px = ImagePatches.of([a, b, c, a])  # in the order the slots come
+    ids, mask = batch(rows, left=False)
+    with torch.no_grad():
+        want = ref(**hf_inputs(ids, mask, px)).logits
+        got = ours(ids, px, mask)
+    real = mask.bool()
+    assert want[real].abs().max() > 1  # logits far from zero: a wrong position would show
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_text_only_logits_equal_transformers(folder):
+    from minimcit.qwen2_vl import Qwen2VL
+
+    ref = hf_qwen2_vl(folder, **CONFIGS[0])
+    ours = Qwen2VL.from_pretrained(folder).eval()
+    ids, mask = batch([[5, 6, 7, 8, 9, 10], [11, 12, 13]], left=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, None, mask)[mask.bool()], ref(input_ids=ids, attention_mask=mask).logits[
+            mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", CONFIGS[:2], ids=["gqa-tied", "one-kv-untied"])
+def test_greedy_generation_equals_transformers_on_a_left_padded_batch(folder, shape):
+    from minimcit.qwen2_vl import ImagePatches, Qwen2VL
+
+    ref = hf_qwen2_vl(folder, **shape)
+    ours = Qwen2VL.from_pretrained(folder).eval()
+    a, b = images([(84, 56), (56, 112)], seed=2)
+    ids, mask = batch([[5, *slots(a), 7, 8], [5, 6, 7, 8, 9, *slots(b), 10, 11, 12], [13, 14]], left=True)
+    px = ImagePatches.of([a, b])
+    new = 8
+    want = ref.generate(**hf_inputs(ids, mask, px), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[:, ids.shape[1]:]
+    got = ours.generate(ids, px, mask, max_new_tokens=new, eos_token_id=None)
+    assert len(set(map(tuple, want.tolist()))) > 1  # the rows differ: the images and positions matter
+    assert got.tolist() == want.tolist()

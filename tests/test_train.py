@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from minimcit import train
 from minimcit.methods import make_method
 from minimcit.data import Collator, Sample
-from minimcit.processing import TextTokenizer
+from minimcit.processing import LlavaPrompt, TextTokenizer
 from minimcit.metrics import tasks_answered_per_row, tasks_answered_per_stage
 from minimcit.train import TrainConfig, lr_factor, predict, train_stage
 
@@ -26,7 +26,7 @@ def collator(tmp_path):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.save(str(tmp_path / "tokenizer.json"))
-    return Collator(TextTokenizer(tmp_path), num_image_tokens=4, image_token_index=63, image_size=28)
+    return Collator(TextTokenizer(tmp_path), LlavaPrompt(num_image_tokens=4, image_token_index=63, image_size=28))
 
 
 def samples(n=4):
