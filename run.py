@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import math
@@ -273,7 +274,8 @@ def validate(args) -> None:
         raise ValueError(f"--cache holds MiniCoIN's base model; --tasks {args.tasks} loads --model")
     if (args.tasks == "custom") != (args.task_dir is not None):
         raise ValueError("--tasks custom and --task-dir go together")
-    check_hparams(args.method, **method_hparams(args))  # r divisible by N, top-k within N, ...: before loading
+    # r divisible by N, top-k within N, ...: before loading, on a tiny twin of the backbone the folder holds
+    check_hparams(args.method, backbone_type(args), **method_hparams(args))
     cfg = train_config(args)
     if args.projector_lr is not None and not cfg.train_projector:
         raise ValueError("--projector-lr sets the trained projector's rate, but this recipe does not train the "
@@ -576,7 +578,7 @@ def real_data_parts(args, hp: dict, cfg: TrainConfig, identity: str, device, dty
     print_data_plan(args, tasks, cfg, identity)
     c = read_config(args.model, vision_tower=args.vision_tower)
     check_generation_length(cfg, c)
-    collator = make_collator(args.tokenizer or args.model, c)
+    collator = make_collator(args.tokenizer or args.model, c, model_path=args.model)
     plan = memory_plan(args, c, hp, cfg, tasks, collator, device, dtype)
     model = load_model(args.model, vision_tower=args.vision_tower, projector=args.projector, dtype=dtype, device=device)
     return args.model, model, tasks, collator, plan
@@ -599,8 +601,19 @@ def data_description(args, tasks, collator) -> dict:
             "scorers": {t.name: t.scorer for t in tasks}}
 
 
-def make_collator(tok_path, c, system: str | None = None) -> Collator:
-    """The tokenizer and the backbone's prompt (system: its default, the vicuna line or Qwen's)."""
+def backbone_type(args) -> str:
+    """config.json's model_type for --model ("llava" when there is none yet: its errors come later, by name)."""
+    config = None if args.model is None or args.vision_tower is not None else Path(args.model) / "config.json"
+    try:
+        raw = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        raw = {}
+    return "qwen2_vl" if isinstance(raw, dict) and raw.get("model_type") == "qwen2_vl" else "llava"
+
+
+def make_collator(tok_path, c, system: str | None = None, model_path=None) -> Collator:
+    """The tokenizer and the backbone's prompt (system: its default, the vicuna line or Qwen's; Qwen2-VL's
+    image limits from model_path's preprocessor_config.json)."""
     qwen = isinstance(c, Qwen2VLConfig)
     tok = TextTokenizer(tok_path, eos=qwen2_vl.TURN_END if qwen else None)
     if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
@@ -620,7 +633,8 @@ def make_collator(tok_path, c, system: str | None = None) -> Collator:
             raise ValueError(f"{tok_path}: the tokenizer's {what} token is id {ours} but the model's config says "
                              f"{model_id}; use the tokenizer that belongs to the model (--tokenizer)")
     if qwen:
-        return Collator(tok, Qwen2VLPrompt(c, qwen2_vl.SYSTEM if system is None else system))
+        return Collator(tok, Qwen2VLPrompt.from_folder(c, model_path or tok_path,
+                                                       qwen2_vl.SYSTEM if system is None else system))
     return Collator(tok, LlavaPrompt(c.num_image_tokens, c.image_token_index, c.vision.image_size,
                                      system=SYSTEM if system is None else system))
 

@@ -41,8 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run  # noqa: E402
 from benchmarks.bench_bytes import VIEWS  # noqa: E402  (the ops that move no bytes, counted alike)
 from benchmarks.param_table import LLAVA_7B, LLAVA_13B  # noqa: E402
-from minimcit.plan import (GiB, Replay, Shape, Tape, build, make_plan, predict_bytes, synthetic_batch,  # noqa: E402
-                           tiny_like)
+from minimcit.plan import GiB, Replay, Shape, Tape, build, make_plan, predict_bytes, synthetic_batch  # noqa: E402
 from minimcit.metrics import tasks_answered_per_stage  # noqa: E402
 from minimcit.train import TrainConfig, autocast  # noqa: E402
 
@@ -142,7 +141,7 @@ def eval_batch_cost(c, method: str, hp: dict, cfg, batch: int, new_tokens: int, 
 
         tape = Tape()
         with tape:
-            generate(tiny_like(twin), torch.float32)
+            generate(twin.tiny(), torch.float32)
         flops = FlopCounterMode(display=False, custom_mapping=FLOPS)
         cost = OpCost(flops)
         with FakeTensorMode(allow_non_fake_inputs=True), Replay(tape.tape), flops:

@@ -46,9 +46,13 @@ def child() -> None:
     from minimcit.model import IGNORE_INDEX, Llava
     from minimcit.train import micro_step
     try:  # the fake-tensor replay lives in minimcit/plan.py now, in benchmarks/bench_7b.py before
-        from minimcit.plan import Replay, Tape, tiny_like
+        from minimcit.plan import Replay, Tape
+        from minimcit import plan as where
     except ImportError:
-        from benchmarks.bench_7b import Replay, Tape, tiny_like
+        from benchmarks.bench_7b import Replay, Tape
+        import benchmarks.bench_7b as where
+    # the tiny-width twin: LlavaConfig.tiny now, tiny_like before
+    tiny_like = getattr(where, "tiny_like", None) or (lambda c: c.tiny())
 
     def nbytes(*tensors):
         return sum(t.numel() * t.element_size() for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor))

@@ -150,7 +150,7 @@ def original_config(llm_folder: Path, clip_folder: Path, image_token_index) -> L
     llm_path, clip_path = llm_folder / "config.json", clip_folder / "config.json"
     llm, clip = read_json(llm_path), read_json(clip_path)
     if isinstance(llm, dict) and "vision_config" in llm:
-        raise ValueError(f"{llm_path} is a whole LLaVA (it has vision_config), not an original-layout LLM folder: "
+        raise ValueError(f"{llm_path} is a whole model (it has vision_config), not an original-LLaVA LLM folder: "
                          "drop --vision-tower and --projector (vision_tower= and projector= in Python)")
     kind = llm.get("mm_projector_type", "mlp2x_gelu")
     if kind != "mlp2x_gelu":

@@ -344,13 +344,15 @@ class Collator:
     def __init__(self, tokenizer: TextTokenizer, prompt):
         self.tok, self.prompt = tokenizer, prompt
 
-    def encode(self, s: Sample, prompt_only: bool = False, slots: int = 0):  # slots: its image's tokens
+    def encode(self, s: Sample, prompt_only: bool = False, slots: int | None = None):
+        """`slots`: its image's tokens; None: as many as the image takes (read from its header)."""
+        if slots is None:
+            slots = 0 if s.image is None else self.prompt.image_tokens(s.image)
         return self.prompt.encode(self.tok, s, slots, prompt_only)
 
     def prompt_length(self, s: Sample) -> int:
         """Tokens of the prompt `generate` continues (image tokens included), without decoding its image."""
-        slots = 0 if s.image is None else self.prompt.image_tokens(s.image)
-        return len(self.encode(s, prompt_only=True, slots=slots).ids)
+        return len(self.encode(s, prompt_only=True).ids)
 
     def prompts(self, samples: list[Sample]) -> dict:
         """The left-padded prompt batch of `samples` (a DataLoader's collate_fn at evaluation)."""

@@ -9,7 +9,7 @@ Module names follow transformers' LlavaModel tree without its `model.` prefix
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,31 @@ class LlavaConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    # What the memory plan (plan.py) needs to know of a backbone, which Qwen2VLConfig says for its own.
+    def build(self) -> "Llava":
+        return Llava(self)
+
+    @property
+    def vision_layers(self) -> int:
+        return self.vision.num_hidden_layers
+
+    def with_layers(self, text: int, vision: int) -> "LlavaConfig":
+        return replace(self, text=replace(self.text, num_hidden_layers=text),
+                       vision=replace(self.vision, num_hidden_layers=vision))
+
+    def tiny(self) -> "LlavaConfig":
+        """The same layers, image size and vocabulary at a tiny width: the same data-dependent values."""
+        return replace(self, vision=replace(self.vision, hidden_size=32, intermediate_size=64, num_attention_heads=2),
+                       text=replace(self.text, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                    num_key_value_heads=2, head_dim=None))
+
+    def fake_images(self, n: int, slots: int | None, generator):  # -> pixel_values of n images, slots each
+        v = self.vision
+        return torch.randn(n, 3, v.image_size, v.image_size, generator=generator), self.num_image_tokens
+
+    def vision_layer(self) -> nn.Module:
+        return CLIPEncoderLayer(self.vision)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "LlavaConfig":

@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .model import IGNORE_INDEX, Llava, LlavaConfig
+from .model import IGNORE_INDEX
 
 aten = torch.ops.aten
 GiB = 2**30
@@ -146,14 +146,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def tiny_like(c: LlavaConfig) -> LlavaConfig:
-    """The same layers, image size and vocabulary at a tiny width: the same data-dependent values."""
-    return dataclasses.replace(
-        c, vision=dataclasses.replace(c.vision, hidden_size=32, intermediate_size=64, num_attention_heads=2),
-        text=dataclasses.replace(c.text, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                                 num_key_value_heads=2, head_dim=None))
-
-
 # --------------------------------------------------------------------------- one step, one generate call
 
 
@@ -164,18 +156,20 @@ class Shape:
     batch: int
     length: int
     answer: int = 1
+    image: int | None = None  # each image's tokens; None: the backbone's count (LLaVA's fixed 576; Qwen2-VL's most)
 
 
-def synthetic_batch(c: LlavaConfig, s: Shape, prompt_only: bool = False) -> dict:
+def synthetic_batch(c, s: Shape, prompt_only: bool = False) -> dict:
     """Images after 5 system tokens, then the instruction and the answer; labels on the answer."""
-    n_img, g = c.num_image_tokens, torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    pixel_values, n_img = c.fake_images(s.batch, s.image, g)
     T = max(s.length, n_img + 5 + s.answer + 1)
     ids = torch.randint(3, min(c.text.vocab_size, c.image_token_index), (s.batch, T), generator=g)
     ids[:, 5:5 + n_img] = c.image_token_index
     instruction = torch.zeros_like(ids, dtype=torch.bool)  # what the task selector reads
     instruction[:, 5 + n_img:T - (0 if prompt_only else s.answer)] = True
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "instruction_mask": instruction,
-         "pixel_values": torch.randn(s.batch, 3, c.vision.image_size, c.vision.image_size, generator=g)}
+         "pixel_values": pixel_values}
     if not prompt_only:
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, -s.answer:] = ids[:, -s.answer:]
@@ -183,7 +177,7 @@ def synthetic_batch(c: LlavaConfig, s: Shape, prompt_only: bool = False) -> dict
     return b
 
 
-def build(c: LlavaConfig, method: str, hparams: dict, cfg, tasks: int, dtype):
+def build(c, method: str, hparams: dict, cfg, tasks: int, dtype):
     """The model in `dtype` with the method's adapters after `tasks` tasks have started (every
     task's tensors held, none frozen by end_task: an upper bound on any task's state), the
     trainable parameters and the optimiser, as the run makes them."""
@@ -191,7 +185,7 @@ def build(c: LlavaConfig, method: str, hparams: dict, cfg, tasks: int, dtype):
     from .train import optimizer, trained_projector
 
     torch.manual_seed(0)
-    model = Llava(c)
+    model = c.build()
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             t.data = t.data.to(dtype)  # per tensor, not Module.to(), which fake tensors refuse
@@ -224,7 +218,7 @@ def _generate(model, m, b, max_new: int):
                        eos_token_id=None, instruction_mask=b["instruction_mask"])
 
 
-def predict_bytes(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int = 1,
+def predict_bytes(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int = 1,
                   evaluation: bool = False, dtype=torch.bfloat16, fake: bool = True) -> dict:
     """Peak live bytes of the run's second training step (AdamW's state exists by then), or of one
     generate call of cfg.max_new_tokens tokens, and the bytes held before it. fake=False takes the
@@ -258,7 +252,7 @@ def predict_bytes(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape,
     if fake:
         tape = Tape()
         with tape:  # fp32: the same data-dependent ops, and a CPU runs fp32 far faster
-            run(tiny_like(c), torch.float32)
+            run(c.tiny(), torch.float32)
         with FakeTensorMode(allow_non_fake_inputs=True), Replay(tape.tape) as replay:
             held = run(c, dtype, mem)
         if replay.tape:
@@ -311,15 +305,14 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _layer_bytes(c: LlavaConfig, dtype) -> int:
-    """Bytes of one CLIP encoder layer's weights in `dtype`."""
+def _layer_bytes(c, dtype) -> int:
+    """Bytes of one vision-tower layer's weights in `dtype`."""
     with torch.device("meta"):
-        layer = Llava(dataclasses.replace(c, vision=dataclasses.replace(c.vision, num_hidden_layers=1))
-                      ).vision_tower.encoder.layers[0]
+        layer = c.vision_layer()
     return sum(p.numel() for p in layer.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
-def peak_model(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int, evaluation: bool,
+def peak_model(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int, evaluation: bool,
                dtype=torch.bfloat16):
     """batch -> predicted peak bytes at c's full depth, from four predictions of a shallow twin (2
     and 3 decoder layers, batch 1 and 2, 2 CLIP layers), so a plan costs seconds, not minutes.
@@ -328,12 +321,11 @@ def peak_model(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *,
     exactly (tests/test_plan.py checks this against the full-depth prediction). CLIP's frozen
     layers run without a graph, one at a time, before the peak: only their weights count, added
     for the layers the twin leaves out."""
-    n_text, n_vision = c.text.num_hidden_layers, c.vision.num_hidden_layers
+    n_text, n_vision = c.text.num_hidden_layers, c.vision_layers
     shallow = min(2, n_vision)
     p = {}
     for layers in (2, 3):
-        twin = dataclasses.replace(c, text=dataclasses.replace(c.text, num_hidden_layers=layers),
-                                   vision=dataclasses.replace(c.vision, num_hidden_layers=shallow))
+        twin = c.with_layers(layers, shallow)
         for b in (1, 2):
             p[layers, b] = predict_bytes(twin, method, hparams, cfg, dataclasses.replace(shape, batch=b), tasks=tasks,
                                          evaluation=evaluation, dtype=dtype)["peak"]
@@ -342,7 +334,7 @@ def peak_model(c: LlavaConfig, method: str, hparams: dict, cfg, shape: Shape, *,
     return lambda batch: deep[1] + (batch - 1) * (deep[2] - deep[1]) + vision
 
 
-def make_plan(c: LlavaConfig, method: str, hparams: dict, cfg, *, memory: int, train: Shape, evaluation: Shape,
+def make_plan(c, method: str, hparams: dict, cfg, *, memory: int, train: Shape, evaluation: Shape,
               tasks: int, given: set, dtype=torch.bfloat16, progress=print) -> Plan:
     """Choose what `given` (the TrainConfig fields the user set) leaves open. The recipe's global
     batch cfg.batch_size x cfg.grad_accum is kept: the micro-batch is a divisor of it, at most the
@@ -418,7 +410,8 @@ def data_shapes(tasks, collator, max_new_tokens: int) -> tuple[Shape, Shape]:
     """The longest training sample (tokens, answer tokens) and the longest test prompt of the run's
     data, the shapes the plan is made for. Tokenising every sample of CoIN would take minutes, so
     per task the LONGEST samples by characters are tokenised (tokens grow with characters within
-    a task's template)."""
+    a task's template), each image taking the most tokens the prompt gives one (`max_slots`: LLaVA's
+    fixed count; Qwen2-VL's at max_pixels, as no header is read)."""
     def longest(samples, key):
         return sorted(samples, key=key, reverse=True)[:LONGEST]
 
@@ -426,9 +419,11 @@ def data_shapes(tasks, collator, max_new_tokens: int) -> tuple[Shape, Shape]:
     for t in tasks:
         for s in longest(t.train, lambda s: len(s.question) + len(s.answer)
                          + sum(len(q) + len(a) for q, a in s.later_turns)):
-            r = collator.encode(s)
+            r = collator.encode(s, slots=0 if s.image is None else collator.prompt.max_slots)
             length = max(length, len(r.ids))
             answer = max(answer, sum(1 for label in r.labels if label != IGNORE_INDEX))
         for s in longest(t.test, lambda s: len(s.question)):
-            prompt = max(prompt, collator.prompt_length(s))
-    return Shape(1, length, answer), Shape(1, prompt, max_new_tokens)
+            slots = 0 if s.image is None else collator.prompt.max_slots
+            prompt = max(prompt, len(collator.encode(s, prompt_only=True, slots=slots).ids))
+    image = collator.prompt.max_slots
+    return Shape(1, length, answer, image), Shape(1, prompt, max_new_tokens, image)

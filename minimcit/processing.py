@@ -200,6 +200,10 @@ class LlavaPrompt:
     def slots(self, pixels) -> int:  # the image tokens of an image()
         return self.n_img
 
+    @property
+    def max_slots(self) -> int:  # the most any image takes
+        return self.n_img
+
     def image_tokens(self, image) -> int:  # the same, from a PIL image or a path, without decoding it
         return self.n_img
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,16 +138,18 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(c.embed_dim, 3 * c.embed_dim)
         self.proj = nn.Linear(c.embed_dim, c.embed_dim)
 
-    def forward(self, x, cos, sin, same_image):  # x (N, C); same_image (N, N) True where two patches share an image
+    def forward(self, x, cos, sin, frames: list[int]):  # x (N, C); frames: patches of each frame, in order
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.n_head, self.head_dim).unbind(1)  # each (N, h, hd)
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, hd): rotated in float32, as apply_rotary_pos_emb_vision
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        # Every patch attends to the patches of its own image only (cu_seqlens in transformers).
-        y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           attn_mask=same_image)  # (h, N, hd)
-        return self.proj(y.transpose(0, 1).reshape(N, -1))
+        # Every patch attends to the patches of its own frame only (cu_seqlens in transformers): one
+        # attention per frame, not one masked (N, N) attention, which at 8 x 1280 merged tokens would
+        # hold 16 x 40960^2 scores.
+        y = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in qkv)).transpose(0, 1)
+                       for qkv in zip(q.split(frames), k.split(frames), v.split(frames))])  # (N, h, hd)
+        return self.proj(y.reshape(N, -1))
 
 
 class VisionMLP(nn.Module):
@@ -166,8 +168,8 @@ class VisionBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(c.embed_dim, eps=1e-6), nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.attn, self.mlp = VisionAttention(c), VisionMLP(c)
 
-    def forward(self, x, cos, sin, same_image):
-        x = x + self.attn(self.norm1(x), cos, sin, same_image)
+    def forward(self, x, cos, sin, frames: list[int]):
+        x = x + self.attn(self.norm1(x), cos, sin, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -204,12 +206,10 @@ class VisionTower(nn.Module):
         c = self.config
         cos, sin = vision_rotary(vision_positions(grid_thw, c.spatial_merge_size), c.embed_dim // c.num_heads,
                                  c.rope_theta)
-        frame = torch.repeat_interleave(torch.arange(int(grid_thw[:, 0].sum()), device=grid_thw.device),
-                                        (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]))
-        same_image = frame[:, None] == frame[None, :]  # (N, N): a frame attends within itself (cu_seqlens)
+        frames = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()  # patches per frame
         x = self.patch_embed(pixel_values)
         for block in self.blocks:
-            x = block(x, cos, sin, same_image)
+            x = block(x, cos, sin, frames)
         return x
 
     def forward(self, pixel_values, grid_thw, tokens: Tokens | None = None):
@@ -266,6 +266,35 @@ class Qwen2VLConfig:
         )
         cfg.validate(source)
         return cfg
+
+    # What the memory plan (plan.py) needs to know of a backbone (LlavaConfig's).
+    def build(self) -> "Qwen2VL":
+        return Qwen2VL(self)
+
+    @property
+    def vision_layers(self) -> int:
+        return self.vision.depth
+
+    def with_layers(self, text: int, vision: int) -> "Qwen2VLConfig":
+        return replace(self, text=replace(self.text, num_hidden_layers=text), vision=replace(self.vision, depth=vision))
+
+    def tiny(self) -> "Qwen2VLConfig":
+        """The same layers, patches and vocabulary at a tiny width (head_dim kept: M-RoPE's sections fit it)."""
+        return replace(self, vision=replace(self.vision, embed_dim=32, num_heads=2, hidden_size=2 * self.text.head_dim),
+                       text=replace(self.text, hidden_size=2 * self.text.head_dim, intermediate_size=128,
+                                    num_attention_heads=2, num_key_value_heads=2, head_dim=None))
+
+    def fake_images(self, n: int, slots: int | None, generator):  # -> ImagePatches of n images, ~slots tokens each
+        """n images of one grid near square with `slots` merged tokens (the default: 1280, max_pixels's)."""
+        v, slots = self.vision, slots or 1280
+        h = max(d for d in range(1, math.isqrt(slots) + 1) if slots % d == 0)
+        m = v.spatial_merge_size
+        grid = torch.tensor([[1, h * m, slots // h * m]] * n)
+        width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        return ImagePatches(torch.randn(n * slots * m * m, width, generator=generator), grid), slots
+
+    def vision_layer(self) -> nn.Module:
+        return VisionBlock(self.vision)
 
     def validate(self, source: str = "config") -> None:
         for part, c in (("vision_config", self.vision), ("text_config", self.text)):
@@ -479,12 +508,33 @@ class Qwen2VLPrompt:
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot read image {image}: {e}") from None
 
+    @classmethod
+    def from_folder(cls, config: Qwen2VLConfig, folder, system: str = SYSTEM) -> "Qwen2VLPrompt":
+        """With the image limits of the checkpoint's preprocessor_config.json, where it has one: min_pixels
+        and max_pixels (the hub's spelling) or size.shortest_edge / longest_edge (transformers 5's)."""
+        file = Path(folder) / "preprocessor_config.json"
+        if not file.is_file():
+            return cls(config, system)
+        from .checkpoint import read_json
+
+        raw = read_json(file)
+        size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+        low, high = raw.get("min_pixels", size.get("shortest_edge", 56 * 56)), \
+            raw.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
+        if not (isinstance(low, int) and isinstance(high, int) and 0 < low <= high):
+            raise ValueError(f"{file}: min_pixels {low!r} and max_pixels {high!r} must be integers, 0 < min <= max")
+        return cls(config, system, low, high)
+
     def images(self, pixels: list) -> ImagePatches:
         return ImagePatches.of(pixels)
 
     def slots(self, pixels) -> int:  # merged tokens of an image(): its grid over merge^2
         _, (t, h, w) = pixels
         return t * h * w // self.c.vision.spatial_merge_size ** 2
+
+    @property
+    def max_slots(self) -> int:  # an image at max_pixels
+        return (self.max_pixels // self.factor ** 2)
 
     def image_tokens(self, image) -> int:  # the same from the image's size, read from its header
         if isinstance(image, Image.Image):

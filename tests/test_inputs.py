@@ -478,7 +478,7 @@ def test_a_damaged_minicoin_cache_says_to_delete_it(tmp_path, capsys):
 def test_a_llava_hf_folder_with_vision_tower_says_to_drop_it(tmp_path, capsys):
     data, images, args = coin_run(tmp_path)
     assert run.main([*args, "--vision-tower", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]) == 1
-    assert "is a whole LLaVA (it has vision_config)" in capsys.readouterr().err
+    assert "is a whole model (it has vision_config)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,says", [

@@ -178,3 +178,207 @@ def test_greedy_generation_equals_transformers_on_a_left_padded_batch(folder, sh
     got = ours.generate(ids, px, mask, max_new_tokens=new, eos_token_id=None)
     assert len(set(map(tuple, want.tolist()))) > 1  # the rows differ: the images and positions matter
     assert got.tolist() == want.tolist()
+
+
+# --------------------------------------------------------------------------- every method through run.py
+
+
+def qwen_tokenizer(folder):
+    """A word-level tokenizer.json with Qwen2-VL's special tokens at the tiny config's ids; spaces and newlines
+    are tokens of their own, so a template's whitespace shows in the ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    special = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 4, "<|image_pad|>": IMAGE,
+               "<|vision_start|>": START, "<|vision_end|>": END, "<|video_pad|>": VIDEO}
+    words = ["system", "user", "assistant", "You", "are", "a", "helpful", "What", "is", "in", "the", "picture", "?",
+             "thing", "Answer", "question", "using", "single", "word", "or", "phrase", ".", ":", " ", "\n"] + list("0123456789")
+    vocab = {**special, **{w: i for i, w in enumerate(words, start=5)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), "isolated"),
+                                                 pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(special))
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    """CoIN's fixture (text-only and multi-turn items, images of several sizes) and a tiny Qwen2-VL saved by
+    transformers with its tokenizer: the arguments of a run on them."""
+    from test_data import write_fixture
+
+    root = tmp_path_factory.mktemp("qwen_run")
+    data, image_root = write_fixture(root / "coin", n=2)
+    hf_qwen2_vl(root / "ckpt", **CONFIGS[0])
+    qwen_tokenizer(root / "ckpt")
+    return root, ["--tasks", "coin", "--data-root", str(data), "--image-root", str(image_root), "--model",
+                  str(root / "ckpt"), "--max-new-tokens", "2", "--num-workers", "0", "--quiet"]
+
+
+def run_methods():
+    import run
+
+    return sorted(run.METHODS)
+
+
+@pytest.mark.parametrize("method", run_methods())
+def test_every_method_runs_on_a_tiny_qwen2_vl(method, qwen_run, tmp_path):
+    import json
+
+    import run
+
+    root, args = qwen_run
+    out = tmp_path / method
+    assert run.main(["--method", method, *args, "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["complete"] and len(r["acc_matrix"]) == 9 and r["params"]["trainable"] > 0
+    assert all(0 <= v <= 100 for row in r["acc_matrix_robust"] for v in row if v is not None)
+
+
+# --------------------------------------------------------------------------- the chat template and the loader
+
+# Qwen2-VL-Instruct's chat_template.json, as the checkpoints ship it (copied in, e.g., by repositories that
+# override it: it is not in transformers' package). Rendered with jinja2, the engine apply_chat_template uses.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+def render(messages, generation_prompt=False):
+    import jinja2
+
+    return jinja2.Environment().from_string(CHAT_TEMPLATE).render(messages=messages,
+                                                                  add_generation_prompt=generation_prompt)
+
+
+@pytest.fixture
+def qwen_collator(tmp_path):
+    from minimcit.data import Collator
+    from minimcit.processing import TextTokenizer
+    from minimcit.qwen2_vl import TURN_END, Qwen2VLConfig, Qwen2VLPrompt, VisionConfig
+
+    qwen_tokenizer(tmp_path)
+    cfg = Qwen2VLConfig(vision=VisionConfig(depth=1, embed_dim=32, hidden_size=64, num_heads=4),
+                        image_token_index=IMAGE, vision_start_token_id=START, vision_end_token_id=END)
+    return Collator(TextTokenizer(tmp_path, eos=TURN_END), Qwen2VLPrompt(cfg))
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_prompt_equals_the_instruct_chat_template_with_labels_on_the_answers(qwen_collator, with_image):
+    """Ids of the rendered template, each <|image_pad|> expanded to the image's merged tokens as Qwen2VLProcessor
+    does (replace_image_token: grid.prod() // merge^2), tokenised whole; labels on each answer and its <|im_end|>."""
+    from minimcit.data import Sample
+
+    image = Image.fromarray(np.zeros((56, 112, 3), dtype=np.uint8)) if with_image else None  # 2 x 4 merged: 8
+    s = Sample("t", "What is in the picture ?", "thing 3", image=image, later_turns=(("Answer the question", "7"),))
+    tok, r = qwen_collator.tok, qwen_collator.encode(s)
+    first = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": s.question}]
+    text = render([{"role": "user", "content": first}, {"role": "assistant", "content": "thing 3"},
+                   {"role": "user", "content": "Answer the question"}, {"role": "assistant", "content": "7"}])
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * 8).removesuffix("\n")  # we end at the last <|im_end|>
+    assert r.ids == tok.encode(text)
+    end = tok.tok.token_to_id("<|im_end|>")
+    labelled = [i for i, label in zip(r.ids, r.labels) if label != -100]
+    assert labelled == tok.encode("thing 3") + [end] + tok.encode("7") + [end]
+    assert r.ids[r.instruction] == tok.encode(f"{s.question}<|im_end|>\n<|im_start|>assistant\n")
+    prompt = qwen_collator.encode(s, prompt_only=True)
+    want = render([{"role": "user", "content": first}], generation_prompt=True).replace("<|image_pad|>",
+                                                                                         "<|image_pad|>" * 8)
+    assert prompt.ids == tok.encode(want) and set(prompt.labels) == {-100}
+
+
+def test_collated_batch_feeds_the_model(qwen_collator, folder):
+    """Images of two sizes and a text-only sample: pixel_values holds their patches and grids in order, each
+    image's slots equal its merged tokens, and prompt_length (from the image's header) equals the prompt."""
+    from minimcit.data import Sample
+    from minimcit.qwen2_vl import ImagePatches, Qwen2VL
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((56, 112), (140, 84))]
+    samples = [Sample("t", "What is in the picture ?", "thing", image=images[0]), Sample("t", "What is 3 ?", "7"),
+               Sample("t", "What is in the picture ?", "0", image=images[1])]
+    b = qwen_collator(samples)
+    px = b["pixel_values"]
+    assert isinstance(px, ImagePatches) and px.grid_thw.tolist() == [[1, 4, 8], [1, 10, 6]]
+    assert (b["input_ids"] == IMAGE).sum(1).tolist() == [8, 0, 15]
+    assert [qwen_collator.prompt_length(s) for s in samples] == qwen_collator.prompts(samples)["attention_mask"].sum(
+        1).tolist()
+    hf_qwen2_vl(folder, **CONFIGS[0])
+    loss, n = Qwen2VL.from_pretrained(folder).loss(b["input_ids"], px, b["attention_mask"], b["labels"])
+    assert n == 6 and torch.isfinite(loss)  # "thing", "7" and "0", each with its <|im_end|>
+
+
+def write_qwen_hub(src, folder):
+    """The hub's layout of Qwen/Qwen2-VL-2B-Instruct (transformers 4.45): flat text fields with rope_scaling
+    {"type": "mrope"}, vision fields `in_chans`, keys visual.* / model.* / lm_head.*, from transformers' save."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    hub = {}
+    for k, v in state.items():
+        k = k.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        hub[k] = v
+    folder.mkdir()
+    save_file(hub, folder / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    text, vision = cfg.pop("text_config"), cfg.pop("vision_config")
+    rope = text.pop("rope_parameters")
+    vision["in_chans"] = vision.pop("in_channels")
+    flat = {**cfg, **text, "model_type": "qwen2_vl", "rope_theta": rope["rope_theta"], "vision_config": vision,
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    (folder / "config.json").write_text(json.dumps(flat))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["hub", "sharded"])
+def test_hub_and_sharded_layouts_load_to_the_same_logits(tmp_path, layout):
+    from minimcit.checkpoint import load_model
+    from minimcit.qwen2_vl import ImagePatches, Qwen2VL
+
+    ref = hf_qwen2_vl(tmp_path / "v5", **CONFIGS[1])  # untied: lm_head is a key of its own
+    if layout == "hub":
+        folder = write_qwen_hub(tmp_path / "v5", tmp_path / "hub")
+    else:
+        folder = tmp_path / "sharded"
+        ref.save_pretrained(folder, max_shard_size="20KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    ours = load_model(folder)
+    assert isinstance(ours, Qwen2VL) and ours.config.mrope_section == (4, 4, 4)
+    a, = images([(56, 84)])
+    ids, mask = batch([[5, *slots(a), 7, 8]], left=False)
+    px = ImagePatches.of([a])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, px, mask), ref(**hf_inputs(ids, mask, px)).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_configs_and_checkpoints_are_refused_by_name(tmp_path):
+    import json
+
+    from minimcit.checkpoint import load_model
+
+    hf_qwen2_vl(tmp_path / "m", **CONFIGS[0])
+    cfg_file = tmp_path / "m" / "config.json"
+    good = json.loads(cfg_file.read_text())
+
+    def refused(change, match):
+        cfg = json.loads(json.dumps(good))
+        change(cfg)
+        cfg_file.write_text(json.dumps(cfg))
+        with pytest.raises((ValueError, KeyError), match=match):
+            load_model(tmp_path / "m")
+
+    refused(lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[2, 2, 2]), "mrope_section")
+    refused(lambda c: c["text_config"].update(use_sliding_window=True), "use_sliding_window")
+    refused(lambda c: c["vision_config"].update(hidden_size=32), "vision_config.hidden_size")
+    refused(lambda c: c["text_config"].update(num_hidden_layers=3), "found in no checkpoint file")
+    refused(lambda c: c["text_config"].update(intermediate_size=64), "has shape")
