@@ -12,6 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimcit.methods import parameter_report  # noqa: E402
 from minimcit.model import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from minimcit.qwen2_vl import Qwen2VLConfig  # noqa: E402
+from minimcit.qwen2_vl import VisionConfig as QwenVisionConfig  # noqa: E402
 
 LLAVA_7B = LlavaConfig(
     vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -20,6 +22,14 @@ LLAVA_7B = LlavaConfig(
 LLAVA_13B = dataclasses.replace(LLAVA_7B, text=dataclasses.replace(
     LLAVA_7B.text, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
     num_key_value_heads=40, head_dim=None))  # llava-hf/llava-1.5-13b-hf config.json
+# Qwen/Qwen2-VL-2B-Instruct's config.json: a 675M-parameter tower (32 blocks of 1280, a 2 x 2 merger to 1536)
+# and a 1.5B Qwen2 decoder (28 layers of 1536, 12 query heads sharing 2 KV heads, tied embeddings).
+QWEN2_VL_2B = Qwen2VLConfig(
+    vision=QwenVisionConfig(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16),
+    text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                    max_position_embeddings=32768, tie_word_embeddings=True, qkv_bias=True, bos_token_id=151643,
+                    eos_token_id=151645))
 M, MIB = 1e6, lambda n: n * 2 / 2**20  # noqa: E731
 # The papers' figures (None: not given). BranchLoRA's are trainable counts with the projector (which CoIN
 # trains fully); LiLoRA's are TP and EP in its Table 2's "MB" (= MiB of bf16).

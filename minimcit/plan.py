@@ -116,6 +116,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live, self.now, self.peak = {}, 0, 0
+        self.phases = []  # the peaks of the phases `mark` closed
 
     def hold(self, *tensors):
         for t in tensors:
@@ -136,6 +137,12 @@ class LiveBytes(TorchDispatchMode):
         self.now -= n
 
     def reset_peak(self):
+        self.peak = self.now
+        self.phases = []
+
+    def mark(self):
+        """Close a phase: its peak is kept in `phases` and the next phase's peak starts from now."""
+        self.phases.append(self.peak)
         self.peak = self.now
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -221,8 +228,10 @@ def _generate(model, m, b, max_new: int):
 def predict_bytes(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int = 1,
                   evaluation: bool = False, dtype=torch.bfloat16, fake: bool = True) -> dict:
     """Peak live bytes of the run's second training step (AdamW's state exists by then), or of one
-    generate call of cfg.max_new_tokens tokens, and the bytes held before it. fake=False takes the
-    same steps on real tensors (for the tests)."""
+    generate call of cfg.max_new_tokens tokens, and the bytes held before it; and the peaks of its
+    two phases, `before` the decoder first runs (the vision tower) and `after` (the decoder, the loss,
+    the backward, the optimiser), which peak_model extrapolates each on its own. fake=False takes
+    the same steps on real tensors (for the tests)."""
     def run(config, mode_dtype, mem=None):
         model, m, params, opt = build(config, method, hparams, cfg, tasks, mode_dtype)
         if evaluation:
@@ -237,15 +246,25 @@ def predict_bytes(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: in
             for s in steps:
                 s()
             return None
-        mem.hold(*model.parameters(), *model.buffers(), *(v for v in b.values() if v is not None))
+        inputs = [t for v in b.values() if v is not None  # Qwen2-VL's ImagePatches: its patches
+                  for t in (vars(v).values() if dataclasses.is_dataclass(v) else [v]) if isinstance(t, torch.Tensor)]
+        mem.hold(*model.parameters(), *model.buffers(), *inputs)
+        measuring = []
+
+        def decoder_starts(*_):  # plan-side instrumentation of its own model: the phases' boundary
+            if measuring and not mem.phases:
+                mem.mark()
+        hook = model.language_model.register_forward_pre_hook(decoder_starts)
         with mem:
             for k, s in enumerate(steps):
                 if k == len(steps) - 1:
                     gc.collect()
                     held = mem.now
                     mem.reset_peak()
+                    measuring.append(True)
                 s()
             gc.collect()
+        hook.remove()
         return held
 
     mem = LiveBytes()
@@ -259,7 +278,8 @@ def predict_bytes(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: in
             raise RuntimeError(f"{len(replay.tape)} recorded ops were never replayed")
     else:
         held = run(c, dtype, mem)
-    return {"peak": mem.peak, "held": held}
+    before = mem.phases[0] if mem.phases else held
+    return {"peak": max(mem.peak, before), "held": held, "before": before, "after": mem.peak}
 
 
 # --------------------------------------------------------------------------- the plan
@@ -315,12 +335,17 @@ def _layer_bytes(c, dtype) -> int:
 def peak_model(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int, evaluation: bool,
                dtype=torch.bfloat16):
     """batch -> predicted peak bytes at c's full depth, from four predictions of a shallow twin (2
-    and 3 decoder layers, batch 1 and 2, 2 CLIP layers), so a plan costs seconds, not minutes.
-    The peak is affine in the batch (activations scale with it, weights and optimiser state do
-    not) and in the number of decoder layers (each holds the same tensors), so the four give it
-    exactly (tests/test_plan.py checks this against the full-depth prediction). CLIP's frozen
-    layers run without a graph, one at a time, before the peak: only their weights count, added
-    for the layers the twin leaves out."""
+    and 3 decoder layers, batch 1 and 2, 2 vision layers), so a plan costs seconds, not minutes.
+
+    Each of the step's two phases (predict_bytes: the vision tower's forward, then everything from
+    the decoder on) peaks at bytes affine in the batch (activations scale with it, weights and
+    optimiser state do not) and in the number of decoder layers (each holds the same tensors), so
+    the four give each phase's peak at full depth exactly; the step's is the larger of the two.
+    The phases are extrapolated apart because their maximum is not affine: at a twin's few layers
+    the tower's phase can be the larger (Qwen2-VL's, at small widths) and hide the decoder's growth
+    (tests/test_plan.py checks both backbones against the full-depth prediction). The frozen vision
+    layers run without a graph, one at a time: only the weights of the layers the twin leaves out
+    are added."""
     n_text, n_vision = c.text.num_hidden_layers, c.vision_layers
     shallow = min(2, n_vision)
     p = {}
@@ -328,10 +353,14 @@ def peak_model(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int, 
         twin = c.with_layers(layers, shallow)
         for b in (1, 2):
             p[layers, b] = predict_bytes(twin, method, hparams, cfg, dataclasses.replace(shape, batch=b), tasks=tasks,
-                                         evaluation=evaluation, dtype=dtype)["peak"]
-    deep = {b: p[2, b] + (n_text - 2) * (p[3, b] - p[2, b]) for b in (1, 2)}
+                                         evaluation=evaluation, dtype=dtype)
     vision = (n_vision - shallow) * _layer_bytes(c, dtype)
-    return lambda batch: deep[1] + (batch - 1) * (deep[2] - deep[1]) + vision
+
+    def phase(name, batch):
+        deep = {b: p[2, b][name] + (n_text - 2) * (p[3, b][name] - p[2, b][name]) for b in (1, 2)}
+        return deep[1] + (batch - 1) * (deep[2] - deep[1]) + vision
+
+    return lambda batch: max(phase("before", batch), phase("after", batch))
 
 
 def make_plan(c, method: str, hparams: dict, cfg, *, memory: int, train: Shape, evaluation: Shape,

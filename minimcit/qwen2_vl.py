@@ -13,7 +13,6 @@ rotary positions this file computes.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -103,16 +102,16 @@ class PatchEmbed(nn.Module):
         return self.proj(x.to(self.proj.weight.dtype)).view(-1, c.embed_dim)
 
 
-def vision_positions(grid_thw, merge: int):  # -> (N, 2): each patch's (row, column) in its image
+def vision_positions(grid, merge: int, device=None):  # [(t, h, w)] -> (N, 2): each patch's (row, column)
     """In the patches' order (image_patches): 2 x 2 merge blocks row-major, patches within a block
     row-major (get_vision_position_ids); a video's frames repeat the grid."""
     out = []
-    for t, h, w in grid_thw.tolist():
+    for t, h, w in grid:
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         block = (h // merge, merge, w // merge, merge)
         rows, cols = (p.reshape(block).transpose(1, 2).flatten() for p in (rows, cols))
         out.append(torch.stack([rows, cols], -1).repeat(t, 1))
-    return torch.cat(out).to(grid_thw.device)
+    return torch.cat(out).to(device)
 
 
 def vision_rotary(positions, head_dim: int, theta: float):  # (N, 2) -> cos, sin (N, head_dim)
@@ -141,13 +140,17 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, frames: list[int]):  # x (N, C); frames: patches of each frame, in order
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.n_head, self.head_dim).unbind(1)  # each (N, h, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (N, 1, hd): rotated in float32, as apply_rotary_pos_emb_vision
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        # Rotated in float32 and cast back to q's own dtype, as apply_rotary_pos_emb_vision does: under
+        # autocast x is the LayerNorm's float32 but q, k, v the Linear's bf16, and one dtype for all three
+        # keeps SDPA on its fused kernels (mixed, it falls back to materialising (h, N, N) float32 scores).
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, hd)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
         # Every patch attends to the patches of its own frame only (cu_seqlens in transformers): one
         # attention per frame, not one masked (N, N) attention, which at 8 x 1280 merged tokens would
         # hold 16 x 40960^2 scores.
-        y = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in qkv)).transpose(0, 1)
+        # 4-D (1, h, n, hd) inputs: the fused kernels take no other rank.
+        y = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv))[0].transpose(0, 1)
                        for qkv in zip(q.split(frames), k.split(frames), v.split(frames))])  # (N, h, hd)
         return self.proj(y.reshape(N, -1))
 
@@ -202,19 +205,19 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
         self.merger = PatchMerger(c)
 
-    def encode(self, pixel_values, grid_thw):  # (N, C t p p), (images, 3) -> (N, embed_dim) before the merger
+    def encode(self, pixel_values, grid):  # (N, C t p p), [(t, h, w)] per image -> (N, embed_dim) before the merger
         c = self.config
-        cos, sin = vision_rotary(vision_positions(grid_thw, c.spatial_merge_size), c.embed_dim // c.num_heads,
-                                 c.rope_theta)
-        frames = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()  # patches per frame
+        cos, sin = vision_rotary(vision_positions(grid, c.spatial_merge_size, pixel_values.device),
+                                 c.embed_dim // c.num_heads, c.rope_theta)
+        frames = [h * w for t, h, w in grid for _ in range(t)]  # patches per frame
         x = self.patch_embed(pixel_values)
         for block in self.blocks:
             x = block(x, cos, sin, frames)
         return x
 
-    def forward(self, pixel_values, grid_thw, tokens: Tokens | None = None):
-        sizes = (grid_thw.prod(-1) // self.config.spatial_merge_size ** 2).tolist()  # merged tokens per image
-        return self.merger(self.encode(pixel_values, grid_thw), sizes, tokens)
+    def forward(self, pixel_values, grid, tokens: Tokens | None = None):
+        sizes = [t * h * w // self.config.spatial_merge_size ** 2 for t, h, w in grid]  # merged tokens per image
+        return self.merger(self.encode(pixel_values, grid), sizes, tokens)
 
 
 # --------------------------------------------------------------------------- config
@@ -289,7 +292,7 @@ class Qwen2VLConfig:
         v, slots = self.vision, slots or 1280
         h = max(d for d in range(1, math.isqrt(slots) + 1) if slots % d == 0)
         m = v.spatial_merge_size
-        grid = torch.tensor([[1, h * m, slots // h * m]] * n)
+        grid = ((1, h * m, slots // h * m),) * n
         width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
         return ImagePatches(torch.randn(n * slots * m * m, width, generator=generator), grid), slots
 
@@ -325,36 +328,37 @@ class Qwen2VLConfig:
 # --------------------------------------------------------------------------- M-RoPE
 
 
-def rope_index(input_ids, attention_mask, grid_thw, image_token_index: int, merge: int):  # -> (3, B, T)
+def rope_index(input_ids, attention_mask, grid, image_token_index: int, merge: int):  # -> (3, B, T)
     """Each token's (time, height, width) position (get_rope_index): text tokens on the diagonal,
     counting real tokens only; an image's tokens on its merged grid, offset by the position it
-    starts at; the text after an image resumes at that offset plus the grid's longer side. Pads: 0."""
+    starts at; the text after an image resumes at that offset plus the grid's longer side. Pads: 0.
+
+    Written with cumulative sums instead of get_rope_index's loop over each row's runs, so that no
+    step depends on the values (the memory plan runs it on fake tensors): a real token advances the
+    position by 1, an image by the longer side of its grid (counted at its first token)."""
     B, T = input_ids.shape
-    out = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
-    grids = iter([] if grid_thw is None else grid_thw.tolist())
-    for b in range(B):
-        real = torch.ones(T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
-            else attention_mask[b].bool()
-        pos, start = [], 0
-        for is_image, run in itertools.groupby((input_ids[b][real] == image_token_index).tolist()):
-            n = len(list(run))
-            if not is_image:
-                pos.append(torch.arange(n).expand(3, -1) + start)
-                start += n
-                continue
-            grid = next(grids, None)
-            if grid is None:
-                raise ValueError(f"input_ids hold more images than the {0 if grid_thw is None else len(grid_thw)} grids given")
-            t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-            if n != t * h * w:
-                raise ValueError(f"row {b}: an image of {n} tokens (id {image_token_index}) but its grid {grid} "
-                                 f"gives {t * h * w}")
-            pos.append(torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
-                       .reshape(3, -1) + start)
-            start += max(h, w)
-        if pos:
-            out[:, b, real] = torch.cat(pos, 1).to(out.device)
-    return out
+    dev = input_ids.device
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    is_image = (input_ids == image_token_index) & real  # (B, T)
+    text = real & ~is_image
+    if grid:  # each image token's image (in slot order, as the features are scattered) and rank within it
+        g = torch.tensor([(t, h // merge, w // merge) for t, h, w in grid], device=dev)  # (N, 3) merged grid
+        ends = (g[:, 0] * g[:, 1] * g[:, 2]).cumsum(0)  # (N,) slots up to each image's end
+        rank = is_image.flatten().cumsum(0).view(B, T) - 1  # (B, T) rank among all image slots
+        image = torch.searchsorted(ends, rank.clamp(min=0), right=True).clamp(max=len(grid) - 1)  # (B, T)
+        k = rank - (ends - g[:, 0] * g[:, 1] * g[:, 2])[image]  # (B, T) index within its image
+        h, w = g[image, 1], g[image, 2]
+        first = is_image & (k == 0)
+        advance = text.long() + torch.where(first, torch.maximum(h, w), 0)
+    else:
+        advance = text.long()
+    start = advance.cumsum(-1) - advance  # (B, T): the position each token starts at
+    pos = start.expand(3, B, T).clone()  # text: the same on every axis
+    if grid:
+        start_img = torch.gather(start, 1, torch.where(is_image, torch.arange(T, device=dev) - k, 0))
+        grid_pos = torch.stack([k // (h * w), (k // w) % h, k % w])  # (3, B, T): time, row, column
+        pos = torch.where(is_image, start_img + grid_pos, pos)
+    return pos.masked_fill(~real, 0)
 
 
 def mrope_cos_sin(positions, head_dim: int, theta: float, section, dtype):  # (3, B, T) -> 2 x (B, 1, T, hd)
@@ -363,8 +367,7 @@ def mrope_cos_sin(positions, head_dim: int, theta: float, section, dtype):  # (3
     all three positions are equal, so a text token is rotated exactly as in plain RoPE."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions[..., None].float() * inv_freq  # (3, B, T, hd/2), in fp32 even under bf16
-    axis = torch.repeat_interleave(torch.arange(3, device=positions.device), torch.tensor(section,
-                                                                                         device=positions.device))
+    axis = torch.tensor([i for i, n in enumerate(section) for _ in range(n)], device=positions.device)  # (hd/2,)
     f = freqs.gather(0, axis.expand(1, *freqs.shape[1:3], -1))[0]  # (B, T, hd/2): frequency j takes axis[j]
     emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -378,21 +381,26 @@ class ImagePatches:
     """A batch's images as Qwen2-VL takes them, its `pixel_values`: every image's patches one image
     after another (image_patches), and each image's (t, h, w) grid of patches."""
     patches: torch.Tensor  # (sum of t h w, 3 * temporal * patch^2)
-    grid_thw: torch.Tensor  # (images, 3) long
+    # Each image's (t, h, w) in patches, as plain integers: every shape of the step follows from them
+    # without reading a tensor (no device sync; the memory plan's fake run sees them too).
+    grid: tuple[tuple[int, int, int], ...]
 
     @classmethod
     def of(cls, images: list) -> "ImagePatches":  # [image_patches(...) of each image]
-        return cls(torch.cat([p for p, _ in images]), torch.tensor([g for _, g in images], dtype=torch.long))
+        return cls(torch.cat([p for p, _ in images]), tuple(tuple(g) for _, g in images))
+
+    @property
+    def grid_thw(self) -> torch.Tensor:  # (images, 3): transformers' image_grid_thw
+        return torch.tensor(self.grid, dtype=torch.long)
 
     def to(self, device, non_blocking: bool = False) -> "ImagePatches":
-        return ImagePatches(self.patches.to(device, non_blocking=non_blocking),
-                            self.grid_thw.to(device, non_blocking=non_blocking))
+        return ImagePatches(self.patches.to(device, non_blocking=non_blocking), self.grid)
 
     def pin_memory(self) -> "ImagePatches":  # DataLoader(pin_memory=True) calls it
-        return ImagePatches(self.patches.pin_memory(), self.grid_thw.pin_memory())
+        return ImagePatches(self.patches.pin_memory(), self.grid)
 
     def __len__(self) -> int:
-        return len(self.grid_thw)
+        return len(self.grid)
 
 
 class Qwen2VL(Backbone):
@@ -428,8 +436,8 @@ class Qwen2VL(Backbone):
     def image_embedding(self, pixel_values: ImagePatches):  # -> (N, embed_dim)
         """Each image's mean patch feature after the tower's last block, before the merger (Decision:
         the counterpart of LLaVA's CLIP patches, which are read before its projector)."""
-        x = self.visual.encode(pixel_values.patches, pixel_values.grid_thw).float()  # (sum t h w, E)
-        return torch.stack([p.mean(0) for p in x.split(pixel_values.grid_thw.prod(-1).tolist())])
+        x = self.visual.encode(pixel_values.patches, pixel_values.grid).float()  # (sum t h w, E)
+        return torch.stack([p.mean(0) for p in x.split([t * h * w for t, h, w in pixel_values.grid])])
 
     def embed(self, input_ids, pixel_values: ImagePatches | None = None, instruction_mask=None):
         """Token embeddings (B, T, C) with each image's merged features written, in order, at its
@@ -443,19 +451,18 @@ class Qwen2VL(Backbone):
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image tokens but no pixel_values were given")
             return x, instruction
-        grid = pixel_values.grid_thw
-        per_token = grid.prod(-1) // self.config.vision.spatial_merge_size ** 2  # (N,) slots of each image
+        grid = pixel_values.grid
         starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, T): each image's first slot
         per_image = per_image_instruction(instruction, starts.sum(1))
         feats = self.visual(pixel_values.patches.to(self.lm_head.weight.dtype), grid,
                             None if per_image is None else Tokens(instruction=per_image))  # (M, C)
         if n_slots != len(feats):
             raise ValueError(f"input_ids hold {n_slots} image tokens (id {self.config.image_token_index}) but "
-                             f"{len(grid)} image(s) give {int(per_token.sum())} features")
+                             f"{len(grid)} image(s) give {len(feats)} features")
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype)), instruction
 
     def positions(self, input_ids, attention_mask, pixel_values: ImagePatches | None = None):  # -> (3, B, T)
-        return rope_index(input_ids, attention_mask, None if pixel_values is None else pixel_values.grid_thw,
+        return rope_index(input_ids, attention_mask, None if pixel_values is None else pixel_values.grid,
                           self.config.image_token_index, self.config.vision.spatial_merge_size)
 
     def rope(self, positions, dtype):

@@ -11,6 +11,8 @@ import torch
 from minimcit import plan
 from minimcit.model import LlavaConfig, TextConfig, VisionConfig
 from minimcit.plan import GiB, Shape, make_plan, peak_model, predict_bytes
+from minimcit.qwen2_vl import Qwen2VLConfig
+from minimcit.qwen2_vl import VisionConfig as QwenVision
 from minimcit.train import TrainConfig
 
 TINY = LlavaConfig(
@@ -51,6 +53,33 @@ def test_four_shallow_predictions_give_the_full_depth_peak(method, ckpt, evaluat
         want = predict_bytes(deep, method, hp, cfg, dataclasses.replace(shape, batch=batch), tasks=2,
                              evaluation=evaluation)["peak"]
         assert abs(model(batch) - want) <= 256 * batch, (batch, model(batch), want)
+
+
+QWEN = Qwen2VLConfig(vision=QwenVision(depth=3, embed_dim=32, hidden_size=64, num_heads=2),
+                     text=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, qkv_bias=True,
+                                     tie_word_embeddings=True),
+                     mrope_section=(2, 3, 3), image_token_index=299, vision_start_token_id=297, vision_end_token_id=298)
+
+
+@pytest.mark.parametrize("method,ckpt,evaluation", [("seqlora", False, False), ("smolora", True, False),
+                                                    ("branchlora", False, True)])
+def test_qwen2_vl_fake_prediction_matches_the_real_step_and_extrapolates(method, ckpt, evaluation):
+    """The same prediction on Qwen2-VL (M-RoPE's positions and the per-image merger run on fake tensors: no
+    step reads a value), with images of 12 merged tokens on a 6 x 8 patch grid."""
+    cfg = dataclasses.replace(CFG, gradient_checkpointing=ckpt, train_projector=method != "smolora")
+    hp = {"r": 8, "lora_alpha": 16, **({"num_experts": 4} if method == "smolora" else {})}
+    shape = Shape(2, 40, 5, image=12)
+    fake = predict_bytes(QWEN, method, hp, cfg, shape, tasks=2, evaluation=evaluation)
+    real = predict_bytes(QWEN, method, hp, cfg, shape, tasks=2, evaluation=evaluation, fake=False)
+    assert fake["held"] == real["held"]
+    assert abs(fake["peak"] - real["peak"]) <= max(4096, 0.01 * real["peak"])
+    assert fake["peak"] > fake["held"] + 2 * 40 * 64 * 4
+    deep = QWEN.with_layers(6, 3)
+    model = peak_model(deep, method, hp, cfg, dataclasses.replace(shape, batch=1), tasks=2, evaluation=evaluation)
+    want = predict_bytes(deep, method, hp, cfg, dataclasses.replace(shape, batch=3), tasks=2,
+                         evaluation=evaluation)["peak"]
+    assert abs(model(3) - want) <= 256 * 3
 
 
 def fixed_peaks(monkeypatch, train, evaluate):

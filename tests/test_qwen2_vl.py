@@ -57,7 +57,7 @@ def test_vision_tower_equals_transformers_on_images_of_several_grids():
     grid = torch.tensor([g for _, g in parts])
     with torch.no_grad():
         want = ref(pixels, grid_thw=grid).pooler_output
-        got = ours(pixels, grid)
+        got = ours(pixels, [g for _, g in parts])
     assert got.shape == (pixels.shape[0] // 4, 24)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -150,6 +150,21 @@ def test_logits_equal_transformers(folder, shape):
     real = mask.bool()
     assert want[real].abs().max() > 1  # logits far from zero: a wrong position would show
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_rope_index_equals_get_rope_index(folder):
+    """Our cumulative-sum positions against transformers' loop (Qwen2VLModel.get_rope_index): left padding,
+    two images in a row (one right after the other's <|vision_end|>), a text-only row, grids 4x6, 8x4, 4x4."""
+    from minimcit.qwen2_vl import ImagePatches, rope_index
+
+    ref = hf_qwen2_vl(folder, **CONFIGS[0])
+    a, b, c = images([(56, 84), (112, 56), (56, 56)])
+    ids, mask = batch([[5, 6, *slots(a), 7, *slots(b), 8], [9, 10], [5, *slots(c), *slots(a), 11, 12, 13]], left=True)
+    px = ImagePatches.of([a, b, c, a])
+    want, _ = ref.model.get_rope_index(ids, (ids == IMAGE).int(), px.grid_thw, attention_mask=mask)
+    got = rope_index(ids, mask, px.grid, IMAGE, 2)
+    assert torch.equal(got, want)
+    assert len(set(got[1, 0].tolist())) != len(set(got[2, 0].tolist()))  # height and width differ on a 4 x 6 grid
 
 
 def test_text_only_logits_equal_transformers(folder):
@@ -307,7 +322,7 @@ def test_collated_batch_feeds_the_model(qwen_collator, folder):
                Sample("t", "What is in the picture ?", "0", image=images[1])]
     b = qwen_collator(samples)
     px = b["pixel_values"]
-    assert isinstance(px, ImagePatches) and px.grid_thw.tolist() == [[1, 4, 8], [1, 10, 6]]
+    assert isinstance(px, ImagePatches) and px.grid == ((1, 4, 8), (1, 10, 6))
     assert (b["input_ids"] == IMAGE).sum(1).tolist() == [8, 0, 15]
     assert [qwen_collator.prompt_length(s) for s in samples] == qwen_collator.prompts(samples)["attention_mask"].sum(
         1).tolist()
