@@ -5,6 +5,7 @@ CoIN task, the step's FLOPs, and the full CoIN evaluation's predicted time on on
     python benchmarks/bench_7b.py --methods seqlora  # one method's plans (~75 s)
     python benchmarks/bench_7b.py --eval-time      # full CoIN evaluation, one method, one H100
     python benchmarks/bench_7b.py --validate       # predicted activation bytes vs a real step's RSS (CPU)
+    python benchmarks/bench_7b.py --qwen2-vl-2b    # every method's plan for Qwen2-VL-2B on a 24 GB card
 
 Each plan steps the run's own code on fake tensors at 2- and 3-layer twins of the shape, so its
 cost is that of tracing ops in Python, about 75 s a method on 2 CPU cores, not of 7B arithmetic.
@@ -40,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run  # noqa: E402
 from benchmarks.bench_bytes import VIEWS  # noqa: E402  (the ops that move no bytes, counted alike)
-from benchmarks.param_table import LLAVA_7B, LLAVA_13B  # noqa: E402
+from benchmarks.param_table import LLAVA_7B, LLAVA_13B, QWEN2_VL_2B  # noqa: E402
 from minimcit.plan import GiB, Replay, Shape, Tape, build, make_plan, predict_bytes, synthetic_batch  # noqa: E402
 from minimcit.metrics import tasks_answered_per_stage  # noqa: E402
 from minimcit.train import TrainConfig, autocast  # noqa: E402
@@ -48,6 +49,9 @@ from minimcit.train import TrainConfig, autocast  # noqa: E402
 aten = torch.ops.aten
 METHODS = ("seqlora", "dirlora", "joint", "replay", "ewc", "lwf", "olora", "moelora", "branchlora", "lilora", "smolora")
 TRAIN, PROMPT = Shape(1, 576 + 94 + 30, 30), Shape(1, 576 + 94, 32)
+# Qwen2-VL: every image at the processor's max_pixels (28 x 28 x 1280: 1280 merged tokens), the
+# longest it makes, with the same 94 + 30 text tokens.
+QWEN_TRAIN, QWEN_PROMPT = Shape(1, 1280 + 94 + 30, 30, 1280), Shape(1, 1280 + 94, 32, 1280)
 
 
 def recipe(method: str) -> tuple[TrainConfig, dict]:
@@ -59,24 +63,24 @@ def recipe(method: str) -> tuple[TrainConfig, dict]:
     return run.train_config(args), hp
 
 
-def plans(configs, methods, tasks_list=(1, 8)):
+def plans(configs, methods, tasks_list=(1, 8), shapes=(TRAIN, PROMPT)):
     rows = []
     for name, c, memory in configs:
         for method in methods:
             cfg, hp = recipe(method)
             for tasks in tasks_list:
                 t0 = time.time()
-                p = make_plan(c, method, hp, cfg, memory=int(memory * GiB), train=TRAIN, evaluation=PROMPT,
+                p = make_plan(c, method, hp, cfg, memory=int(memory * GiB), train=shapes[0], evaluation=shapes[1],
                               tasks=tasks, given=set(), progress=lambda _: None)
                 rows.append((name, memory, method, tasks, p, time.time() - t0))
                 print(f"{name} {memory} GiB {method} task {tasks}: micro-batch {p.batch_size} x {p.grad_accum}, "
                       f"ckpt {'on' if p.gradient_checkpointing else 'off'}, step {p.train_peak / GiB:.1f} GiB, "
                       f"eval batch {p.eval_batch_size} {p.eval_peak / GiB:.1f} GiB ({time.time() - t0:.0f} s)",
                       file=sys.stderr, flush=True)
-    print(f"{'model':5s} {'GiB':>4s} {'method':10s} {'task':>4s} {'micro':>5s} {'accum':>5s} {'ckpt':>4s} "
+    print(f"{'model':11s} {'GiB':>4s} {'method':10s} {'task':>4s} {'micro':>5s} {'accum':>5s} {'ckpt':>4s} "
           f"{'step GiB':>8s} {'share':>6s} {'eval B':>6s} {'eval GiB':>8s}")
     for name, memory, method, tasks, p, _ in rows:
-        print(f"{name:5s} {memory:4d} {method:10s} {tasks:4d} {p.batch_size:5d} {p.grad_accum:5d} "
+        print(f"{name:11s} {memory:4d} {method:10s} {tasks:4d} {p.batch_size:5d} {p.grad_accum:5d} "
               f"{'on' if p.gradient_checkpointing else 'off':>4s} {p.train_peak / GiB:8.1f} "
               f"{p.train_peak / (memory * GiB):6.1%} {p.eval_batch_size:6d} {p.eval_peak / GiB:8.1f}")
     return rows
@@ -243,6 +247,7 @@ def main():
     p.add_argument("--bandwidth", type=float, default=3.35, help="memory bandwidth, TB/s (H100 SXM: 3.35)")
     p.add_argument("--host-us", type=float, default=10.0, help="host time per launched op, microseconds")
     p.add_argument("--validate", action="store_true", help="predict the SMALL shape and measure it on this CPU")
+    p.add_argument("--qwen2-vl-2b", action="store_true", help="Qwen2-VL-2B's plans on a 24 GB card instead")
     p.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
@@ -252,6 +257,8 @@ def main():
     if args.eval_time:
         return eval_time(args.method, args.sizes, args.peak_tflops * 1e12, args.bandwidth * 1e12, args.host_us * 1e-6,
                          80)
+    if args.qwen2_vl_2b:
+        return plans([("Qwen2-VL-2B", QWEN2_VL_2B, 24)], args.methods, shapes=(QWEN_TRAIN, QWEN_PROMPT))
     plans([("7B", LLAVA_7B, 80), ("13B", LLAVA_13B, 80)], args.methods)
     plans([("7B", LLAVA_7B, 24)], [m for m in args.methods if m in ("seqlora", "branchlora", "lilora")])
 

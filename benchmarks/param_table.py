@@ -1,4 +1,5 @@
-"""Parameter accounting on the LLaVA-1.5-7B and -13B shapes (meta device: no memory), next to the papers.
+"""Parameter accounting on the LLaVA-1.5-7B and -13B and Qwen2-VL-2B shapes (meta device: no memory), next to
+the papers.
 
     python benchmarks/param_table.py
 
@@ -7,6 +8,8 @@
 
 import dataclasses
 import sys
+
+import torch
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,19 +37,21 @@ M, MIB = 1e6, lambda n: n * 2 / 2**20  # noqa: E731
 # The papers' figures (None: not given). BranchLoRA's are trainable counts with the projector (which CoIN
 # trains fully); LiLoRA's are TP and EP in its Table 2's "MB" (= MiB of bf16).
 PAPER = {"7B": {"moelora": 350, "branchlora": 222, "lilora": (985.1, 104.6), "dirlora": (2143.9, 357.3)},
-         "13B": {}}
+         "13B": {}, "2B": {}}
 
 
 def projector(config) -> int:
-    """mlp2x_gelu's parameters: trained in CoIN, not an adapter (SPEC §5)."""
-    v, d = config.vision.hidden_size, config.text.hidden_size
-    return (v * d + d) + (d * d + d)
+    """The projector's parameters (LLaVA's mlp2x_gelu, Qwen2-VL's merger with its LayerNorm): trained in
+    CoIN, not an adapter (SPEC §5)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in config.build().projector.parameters())
 
 
 def main():
-    for size, config in (("7B", LLAVA_7B), ("13B", LLAVA_13B)):
+    for size, config in (("7B", LLAVA_7B), ("13B", LLAVA_13B), ("2B", QWEN2_VL_2B)):
         paper = PAPER[size]
-        print(f"LLaVA-1.5-{size}. BranchLoRA vs MoELoRA: trainable parameters while the first CoIN task trains "
+        name = "Qwen2-VL-2B" if size == "2B" else f"LLaVA-1.5-{size}"
+        print(f"{name}. BranchLoRA vs MoELoRA: trainable parameters while the first CoIN task trains "
               "(all seven LLM linears, r=128, N=8, k=2)")
         print(f"{'method':12s} {'adapters+routers':>17s} {'+ projector':>12s} {'paper':>7s}")
         for method in ("moelora", "branchlora"):
@@ -56,7 +61,7 @@ def main():
         print(f"(projector: {projector(config) / M:.1f}M; BranchLoRA's trainable count includes one router and the "
               "two selector keys of task 1)")
 
-        print(f"\nLLaVA-1.5-{size}. LiLoRA vs DirLoRA (and SMoLoRA, N=8) on 6 CVIT tasks (FFN linears + both projector "
+        print(f"\n{name}. LiLoRA vs DirLoRA (and SMoLoRA, N=8) on 6 CVIT tasks (FFN linears + both projector "
               "linears, r=128, r~=64)")
         print(f"{'method':10s} {'TP (MiB)':>9s} {'paper':>7s} {'EP (MiB)':>9s} {'paper':>7s} {'TP params':>10s}")
         for method in ("lilora", "dirlora", "smolora"):

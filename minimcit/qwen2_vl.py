@@ -77,7 +77,7 @@ class VisionConfig:
     depth: int = 32
     embed_dim: int = 1280
     hidden_size: int = 3584  # the merger's output: the LLM's width
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4  # an int in transformers 5's strict config
     num_heads: int = 16
     in_channels: int = 3
     patch_size: int = 14
@@ -269,6 +269,23 @@ class Qwen2VLConfig:
         )
         cfg.validate(source)
         return cfg
+
+    def to_dict(self) -> dict:
+        """transformers 5's config.json spelling, so a saved model reads back through from_dict (and
+        transformers' Qwen2VLForConditionalGeneration.from_pretrained)."""
+        v, t = self.vision, self.text
+        text = {f: getattr(t, f) for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                           "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id",
+                                           "pad_token_id")}
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+            "text_config": {"model_type": "qwen2_vl_text", **text, "rope_parameters": {
+                "rope_type": "default", "mrope_section": list(self.mrope_section), "rope_theta": t.rope_theta}},
+            "vision_config": {"model_type": "qwen2_vl", **{f.name: getattr(v, f.name) for f in fields(VisionConfig)}},
+            "image_token_id": self.image_token_index, "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id, "tie_word_embeddings": t.tie_word_embeddings,
+        }
 
     # What the memory plan (plan.py) needs to know of a backbone (LlavaConfig's).
     def build(self) -> "Qwen2VL":
@@ -468,6 +485,28 @@ class Qwen2VL(Backbone):
     def rope(self, positions, dtype):
         c = self.config
         return mrope_cos_sin(positions, c.text.head_dim, c.text.rope_theta, c.mrope_section, dtype)
+
+
+def save_qwen2_vl(model: "Qwen2VL", folder) -> None:
+    """config.json + model.safetensors in transformers 5's layout (model.visual., model.language_model.),
+    each written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, p in model.state_dict().items():
+        if model.config.text.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        key = "model." + name if name.startswith(("visual.", "language_model.")) else name
+        state[key] = p.detach().contiguous().cpu()
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(model.config.to_dict(), indent=2)
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 # The hub's keys (visual., model., lm_head.) and transformers 5's (model.visual., model.language_model.)

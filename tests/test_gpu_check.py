@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("backbone", ["llava", "qwen2_vl"])
+def test_gpu_check_runs_tiny_on_the_cpu(tmp_path, backbone):
     out = tmp_path / "check.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--out", str(out),
-                           "--methods", "seqlora", "branchlora", "--reps", "1"], capture_output=True, text=True,
-                          timeout=600)
+                           "--methods", "seqlora", "branchlora", "--reps", "1", "--backbone", backbone],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
     assert set(r["sdpa"]) == {"vision", "training", "prefill", "decode"}

@@ -198,13 +198,13 @@ def test_greedy_generation_equals_transformers_on_a_left_padded_batch(folder, sh
 # --------------------------------------------------------------------------- every method through run.py
 
 
-def qwen_tokenizer(folder):
-    """A word-level tokenizer.json with Qwen2-VL's special tokens at the tiny config's ids; spaces and newlines
-    are tokens of their own, so a template's whitespace shows in the ids."""
+def qwen_tokenizer(folder, image=IMAGE, start=START, end=END):
+    """A word-level tokenizer.json with Qwen2-VL's special tokens at the config's ids (the tiny config's by
+    default); spaces and newlines are tokens of their own, so a template's whitespace shows in the ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    special = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 4, "<|image_pad|>": IMAGE,
-               "<|vision_start|>": START, "<|vision_end|>": END, "<|video_pad|>": VIDEO}
+    special = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 4, "<|image_pad|>": image,
+               "<|vision_start|>": start, "<|vision_end|>": end}
     words = ["system", "user", "assistant", "You", "are", "a", "helpful", "What", "is", "in", "the", "picture", "?",
              "thing", "Answer", "question", "using", "single", "word", "or", "phrase", ".", ":", " ", "\n"] + list("0123456789")
     vocab = {**special, **{w: i for i, w in enumerate(words, start=5)}}
@@ -397,3 +397,112 @@ def test_bad_configs_and_checkpoints_are_refused_by_name(tmp_path):
     refused(lambda c: c["vision_config"].update(hidden_size=32), "vision_config.hidden_size")
     refused(lambda c: c["text_config"].update(num_hidden_layers=3), "found in no checkpoint file")
     refused(lambda c: c["text_config"].update(intermediate_size=64), "has shape")
+
+
+# --------------------------------------------------------------------------- methods on the backbone
+
+
+def test_parameter_counts_at_the_qwen2_vl_2b_shape_equal_closed_form():
+    """DirLoRA and LiLoRA on the FFN and the merger's two linears (LiLoRA's Table 5 placement), r = 128, 6 tasks."""
+    from benchmarks.param_table import QWEN2_VL_2B
+    from minimcit.methods import parameter_report
+
+    C, I, L, E = 1536, 8960, 28, 1280 * 4  # the merger's input: four 1280-wide patches side by side
+    lin = [(C, I)] * 2 * L + [(I, C)] * L + [(E, E), (E, C)]  # (in, out): gate, up, down per layer; mlp.0, mlp.2
+    r, rt = 128, 64
+    rep = parameter_report(QWEN2_VL_2B, "dirlora", 6, target="ffn+projector", r=r, lora_alpha=2 * r)
+    per = sum(r * (i + o) for i, o in lin)
+    assert per == 115_015_680 and rep["total_added"] == 6 * per and rep["wrapped"] == 3 * L + 2
+    rep = parameter_report(QWEN2_VL_2B, "lilora", 6, r=r, lora_alpha=2 * r)  # its own default placement
+    shared, task = sum(r * (i + o) for i, o in lin), sum(o * rt + rt * r + 1 for _, o in lin)
+    assert (rep["total_added"], rep["per_task"]) == (shared + 6 * task, task)
+
+
+def test_adapters_go_in_the_decoder_and_merger_never_the_tower(folder):
+    from minimcit.methods import make_method
+    from minimcit.qwen2_vl import Qwen2VL
+
+    hf_qwen2_vl(folder, **CONFIGS[0])
+    model = Qwen2VL.from_pretrained(folder).requires_grad_(False)
+    m = make_method("lilora", model, r=8, lora_alpha=16, verbose=False)
+    assert {n for n in m.names if n.startswith("visual.")} == {"visual.merger.mlp.0", "visual.merger.mlp.2"}
+    assert len(m.names) == 2 + 3 * 2  # the merger's two linears, gate/up/down in each of 2 layers
+    with pytest.raises(ValueError, match="matches 'visual.blocks.0.attn.qkv'"):
+        make_method("seqlora", Qwen2VL.from_pretrained(folder), target=r"visual\.blocks\.0\.attn\.qkv", verbose=False)
+
+
+def test_merged_adapters_and_the_selector_on_qwen2_vl(folder):
+    """With non-zero B everywhere, a merged LoRA gives the unmerged logits (peft's merge test), and the
+    selector's e_img is each image's mean patch feature after the tower's last block."""
+    from minimcit.methods import make_method
+    from minimcit.qwen2_vl import ImagePatches, Qwen2VL
+    from minimcit.selector import sample_embeddings
+
+    hf_qwen2_vl(folder, **CONFIGS[0])
+    model = Qwen2VL.from_pretrained(folder).eval().requires_grad_(False)
+    m = make_method("dirlora", model, r=4, lora_alpha=8, target="ffn+projector", verbose=False)
+    m.start_task(0)
+    with torch.no_grad():
+        for layer in m.layers:
+            for name, p in layer.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    a, b = images([(56, 84), (112, 56)])
+    ids, mask = batch([[5, *slots(a), 7, 8], [5, 6, *slots(b), 9]], left=True)
+    px = ImagePatches.of([a, b])
+    with torch.no_grad():
+        unmerged = model(ids, px, mask)
+        base = Qwen2VL.from_pretrained(folder).eval()(ids, px, mask)
+        with m.inference(0):
+            assert all(layer.plain for layer in m.layers)  # W0 + s B A written into the weights, merger's too
+            merged = model(ids, px, mask)
+    assert (unmerged - base).abs().max() > 1e-2  # the adapters change the logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    e_img, _ = sample_embeddings(model, ids, px, ids == 7)
+    with torch.no_grad():
+        x = model.visual.encode(px.patches, px.grid)
+    torch.testing.assert_close(e_img, torch.stack([x[:24].mean(0), x[24:].mean(0)]))  # 4 x 6 and 8 x 4 patches
+
+
+def test_two_processes_give_the_results_of_one_on_qwen2_vl(qwen_run, tmp_path):
+    """torchrun, two CPU processes (gloo), against one: ImagePatches dealt with their micro-batches."""
+    import json
+
+    from test_distributed import TORCHRUN, adapters, torchrun
+
+    import run
+
+    if TORCHRUN is None:
+        pytest.skip("torchrun not found")
+    _, args = qwen_run
+    flags = ["--method", "branchlora", *args, "--batch-size", "2", "--grad-accum", "2", "--task-identity", "selector"]
+    assert run.main([*flags, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun("run.py", *flags, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    for key in ("acc_matrix", "acc_matrix_robust", "format_matrix", "selector_accuracy", "params"):
+        assert one[key] == two[key], key
+    a, b = adapters(tmp_path / "one", 1), adapters(tmp_path / "two", 1)
+    for k in a["adapters"]:
+        torch.testing.assert_close(a["adapters"][k], b["adapters"][k], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_model_loads_in_transformers_and_back(folder, tmp_path):
+    """save_qwen2_vl writes what transformers' from_pretrained reads strictly, with the same logits; and ours
+    reads it back (the round trip gpu_check's end-to-end run makes at the 2B shape)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from minimcit.qwen2_vl import ImagePatches, Qwen2VL, save_qwen2_vl
+
+    hf_qwen2_vl(folder, **CONFIGS[1])
+    ours = Qwen2VL.from_pretrained(folder).eval()
+    save_qwen2_vl(ours, tmp_path / "saved")
+    theirs = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    back = Qwen2VL.from_pretrained(tmp_path / "saved").eval()
+    a, = images([(84, 56)])
+    ids, mask = batch([[5, *slots(a), 7, 8, 9]], left=False)
+    px = ImagePatches.of([a])
+    with torch.no_grad():
+        want = ours(ids, px, mask)
+        torch.testing.assert_close(theirs(**hf_inputs(ids, mask, px)).logits, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(back(ids, px, mask), want)
