@@ -36,7 +36,7 @@ def hf_model():
 
     cfg = Qwen2VLConfig(
         text_config=dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, eos_token_id=3, pad_token_id=0,
+                         num_attention_heads=8, num_key_value_heads=2, bos_token_id=None, eos_token_id=3, pad_token_id=0,
                          rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}),
         vision_config=dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4),
         image_token_id=IMAGE, video_token_id=7998, vision_start_token_id=START, vision_end_token_id=END,
@@ -70,8 +70,8 @@ def main():
     parts = [image_patches(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for h, w in sizes]
     px = ImagePatches.of(parts)
     g = torch.Generator().manual_seed(0)
-    rows = [[5, START, *[IMAGE] * (t * h * w // 4), END, *torch.randint(10, 7900, (args.text_len,), generator=g).tolist()]
-            for _, (t, h, w) in parts]
+    rows = [[5, START, *[IMAGE] * (t * h * w // 4), END,
+             *torch.randint(10, 7900, (args.text_len,), generator=g).tolist()] for _, (t, h, w) in parts]
     T = max(map(len, rows))
     ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):  # right padding, as the training collator does

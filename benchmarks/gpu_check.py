@@ -53,7 +53,8 @@ TINY_QWEN = Qwen2VLConfig(
     mrope_section=(2, 3, 3), image_token_index=120, vision_start_token_id=121, vision_end_token_id=122)
 # backbone -> (shape, tiny shape, (training sample, evaluation prompt), and the tiny shape's)
 SHAPES = {"llava": (LLAVA_7B, TINY, (TRAIN, PROMPT), (TRAIN, PROMPT)),
-          "qwen2_vl": (QWEN2_VL_2B, TINY_QWEN, (QWEN_TRAIN, QWEN_PROMPT), (Shape(1, 140, 30, 16), Shape(1, 110, 32, 16)))}
+          "qwen2_vl": (QWEN2_VL_2B, TINY_QWEN, (QWEN_TRAIN, QWEN_PROMPT),
+                       (Shape(1, 140, 30, 16), Shape(1, 110, 32, 16)))}
 BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 

@@ -5,6 +5,12 @@
     python benchmarks/paper_tables.py --table branchlora-main --seeds 0 1 2    # MiniCoIN, 6 runs a seed
     python benchmarks/paper_tables.py --table branchlora-ablation --seeds 0 1 2  # MiniCoIN, 3 new runs a seed
     python benchmarks/paper_tables.py --table lilora-table1 --report-only      # complete rows only, runs nothing
+    python benchmarks/paper_tables.py --table lilora-table5 --commands         # Qwen2-VL-2B on real CVIT: GPU runs
+
+LiLoRA's Table 5 needs real CVIT data and Qwen2-VL-2B (MiniCVIT's base is a tiny LLaVA; a Qwen2-VL
+base for it would need its own stage 1): --commands prints each row's run.py command, writing to
+<out>/lilora-table5/<method>, and the table is read from those folders (one run a row) when they are
+complete.
 
 A row is one run.py command (printed with --commands). Runs are shared with minicoin_table.py and
 ablations.py by what they run (minicoin_table.run_folder), reused when complete and resumed when
@@ -20,6 +26,7 @@ rows' sds, "reversed" when they differ the other way by as much, else "not told 
 """
 
 import itertools
+import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -82,6 +89,12 @@ TABLES = {
         Row("r 16, r~ 2 (r/8)", "lilora", ("--r", "16", "--lora-alpha", "32", "--r-task", "2"),
             (83.63, 86.17, -1.67, 97.97)),
     ]),
+    "lilora-table5": ("cvit", "LiLoRA Table 5 (CVIT, single-type) on Qwen2-VL-2B", [
+        Row("DirLoRA", "dirlora", (), (67.55, 74.14, 0.00, 93.81)),
+        Row("SeqLoRA", "seqlora", (), (45.41, 53.39, -6.42, 70.91)),
+        Row("EProj", NO_SOURCE, (), (58.87, 61.21, -2.47, 90.12)),
+        Row("LiLoRA", "lilora", (), (64.63, 68.30, -0.94, 92.94)),
+    ]),
     "branchlora-main": ("minicoin", "BranchLoRA's main rows (CoIN ACC) on MiniCoIN", [
         Row("LoRA (sequential)", "seqlora"),
         Row("LwF", "lwf"),
@@ -108,9 +121,20 @@ def row_results(args, tasks: str, row: Row) -> dict:
     """{seed: results.json} of the row's complete runs (run or resumed unless --report-only)."""
     if row.method in (NO_SOURCE, ZERO_SHOT):
         return {}  # zero-shot is filled in from the other rows' runs
+    if tasks == "cvit":  # real data: the user's runs of --commands, read when complete
+        results = real_folder(args.out, row) / "results.json"
+        done = json.loads(results.read_text()) if results.is_file() else {}
+        return {0: done} if done.get("complete") else {}
     runs = {s: run_or_reuse(run_folder(args.out, tasks, args.preset, s, row.method, list(row.flags)), row.method,
                             list(row.flags), tasks, args.preset, s, args.report_only) for s in args.seeds}
     return {s: r for s, r in runs.items() if r}
+
+
+REAL = "--tasks cvit --data-root CVIT --image-root cl_dataset --model Qwen2-VL-2B-Instruct"  # the user's paths
+
+
+def real_folder(out: Path, row: Row) -> Path:
+    return out / "lilora-table5" / row.method
 
 
 def zero_shot(results: dict, seeds: list) -> dict:
@@ -171,7 +195,8 @@ def main():
     if args.commands:
         for row in rows:
             if row.method not in (ZERO_SHOT, NO_SOURCE):
-                print(f"{row.name}: python run.py --method {row.method} --tasks {tasks} {' '.join(row.flags)}".rstrip())
+                where = f"{REAL} --out {real_folder(args.out, row)}" if tasks == "cvit" else f"--tasks {tasks}"
+                print(f"{row.name}: python run.py --method {row.method} {where} {' '.join(row.flags)}".rstrip())
         return
     results = {row.name: row_results(args, tasks, row) for row in rows}
     for row in rows:
@@ -183,7 +208,9 @@ def main():
         for row in rows:
             for r in results[row.name].values():
                 r["summary"][NO_CAPTION] = without_caption(r)
-    print(f"{title}, preset {args.preset}, seeds {', '.join(map(str, args.seeds))}: ours (mean ± sd) | paper\n")
+    seeds = ", ".join(map(str, args.seeds))
+    scale = "real data, one run a row" if tasks == "cvit" else f"preset {args.preset}, seeds {seeds}"
+    print(f"{title}, {scale}: ours (mean ± sd) | paper\n")
     print("| row | seeds | " + " | ".join(metrics) + " | paper " + " | paper ".join(metrics) + " |")
     print("|---|---|" + "---|" * (2 * len(metrics)))
     for row in rows:

@@ -85,7 +85,8 @@ def pretrain_base(preset_name: str = "default", seed: int = 0, cache: Path | Non
     bpe.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                            "pad_token": "<pad>"}))
-    collator = Collator(TextTokenizer(tmp), LlavaPrompt(cfg.num_image_tokens, cfg.image_token_index, p.image_size, plain=True))
+    collator = Collator(TextTokenizer(tmp), LlavaPrompt(cfg.num_image_tokens, cfg.image_token_index, p.image_size,
+                                                        plain=True))
     tcfg = TrainConfig(epochs=p.stage1["epochs"], batch_size=p.stage1["batch"], lr=p.stage1["lr"], warmup_ratio=0.05,
                        weight_decay=0.01, seed=seed)
     curve = train_stage(model, [{"params": list(model.parameters())}], corpus, collator, tcfg, stage=0,

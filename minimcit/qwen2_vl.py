@@ -3,8 +3,9 @@
 Read from transformers' `qwen2_vl` files (5.24): image_processing_pil_qwen2_vl.py (`smart_resize`,
 `_preprocess`, `patchify`) and modeling_qwen2_vl.py (PatchEmbed, Qwen2VLVisionRotaryEmbedding,
 VisionAttention, Qwen2VLVisionBlock, PatchMerger, Qwen2VisionTransformerPretrainedModel,
-Qwen2VLRotaryEmbedding, Qwen2VLAttention, get_rope_index), and the Qwen2-VL paper (arXiv
-2409.12191, Sec. 2.1: naive dynamic resolution and M-RoPE). Module names follow transformers'
+Qwen2VLRotaryEmbedding, Qwen2VLAttention, get_rope_index), the code that defines the Qwen2-VL
+paper's naive dynamic resolution and M-RoPE (arXiv 2409.12191; its text is not in ../shared/papers
+and was not read: every rule here is transformers', cited at the line). Module names follow transformers'
 tree without its `model.` prefix (`visual.blocks.0.attn.qkv`, `language_model.layers.0.mlp.up_proj`,
 `lm_head`), so the decoder's linears carry the LLaMA names every adapter targets. The decoder is
 model.py's LLaMA one: Qwen2 differs only in biases on q, k and v (TextConfig.qkv_bias) and in the
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .model import (ACT, IGNORE_INDEX, Backbone, Linear, LlamaModel, TextConfig, Tokens, masked_mean,
+                    per_image_instruction)
 from .processing import Encoded
-
-from .model import ACT, IGNORE_INDEX, Backbone, Linear, LlamaModel, TextConfig, Tokens, masked_mean, per_image_instruction
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / _STD, as for LLaVA's tower
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -258,7 +259,8 @@ class Qwen2VLConfig:
         t = {**TEXT_DEFAULTS, **{k: text[k] for k in (f.name for f in fields(TextConfig)) if text.get(k) is not None}}
         eos = t["eos_token_id"]
         cfg = cls(
-            vision=VisionConfig(**{f.name: vision[f.name] for f in fields(VisionConfig) if vision.get(f.name) is not None}),
+            vision=VisionConfig(**{f.name: vision[f.name] for f in fields(VisionConfig)
+                                   if vision.get(f.name) is not None}),
             text=TextConfig(**{**t, "eos_token_id": eos[0] if isinstance(eos, list) else eos, "qkv_bias": True,
                                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": bool(tie),
                                "head_dim": None}),

@@ -47,9 +47,10 @@ class TaskSelector(nn.Module):
 
 def sample_embeddings(model, input_ids, pixel_values, instruction_mask):
     """(e_img, e_txt) of each sample, from the frozen model: its image's mean vision feature
-    (`image_embedding`: for LLaVA the CLIP patches at the layer it reads), and the mean input embedding of the instruction, the span the collator
-    marks (the question and "ASSISTANT:"; the system prompt before the image is the same for
-    every task and would only dilute the signal)."""
+    (`image_embedding`: for LLaVA the CLIP patches at the layer it reads, for Qwen2-VL the tower's
+    last block), and the mean input embedding of the instruction, the span the collator marks (the
+    question through "ASSISTANT:" or "assistant\n"; the system prompt before the image is the same
+    for every task and would only dilute the signal)."""
     c = model.config
     with torch.no_grad():
         is_image = input_ids == c.image_token_index  # (B, T)

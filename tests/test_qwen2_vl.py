@@ -206,7 +206,8 @@ def qwen_tokenizer(folder, image=IMAGE, start=START, end=END):
     special = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<unk>": 4, "<|image_pad|>": image,
                "<|vision_start|>": start, "<|vision_end|>": end}
     words = ["system", "user", "assistant", "You", "are", "a", "helpful", "What", "is", "in", "the", "picture", "?",
-             "thing", "Answer", "question", "using", "single", "word", "or", "phrase", ".", ":", " ", "\n"] + list("0123456789")
+             "thing", "Answer", "question", "using", "single", "word", "or", "phrase", ".", ":", " ", "\n",
+             *"0123456789"]
     vocab = {**special, **{w: i for i, w in enumerate(words, start=5)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), "isolated"),
