@@ -174,7 +174,8 @@ USE_SELECTOR = Option("use_selector", "train the task selector too")
 # Every random stream of a run comes from (seed, purpose, index) alone, so a resumed run, any
 # number of processes and any order of calls draw the same numbers. The offsets keep the streams
 # apart (and are the ones runs were made with before this table).
-STREAMS = {"training order": 0, "new task parameters": 500, "replay memory": 700, "task samples": 800}
+STREAMS = {"training order": 0, "new task parameters": 500, "replay memory": 700, "task samples": 800,
+           "adapter dropout": 900}
 
 
 def stream_seed(seed: int, purpose: str, index: int) -> int:

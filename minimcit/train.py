@@ -219,7 +219,7 @@ def train_stage(model: Backbone, groups: list[dict], samples: list[Sample], coll
     batch_size x grad_accum samples, drawn in an order fixed by the seed; under torchrun its
     micro-batches are dealt out across processes and the gradients summed (distributed.py).
     Gradient accumulation weights every answer token of the step equally, on any world size."""
-    torch.manual_seed(stream_seed(cfg.seed, "training order", stage))  # adapter dropout's masks
+    torch.manual_seed(stream_seed(cfg.seed, "training order", stage))  # the stage's RNG, on every process alike
     rank, world = dist.rank(), dist.world_size()
     steps = [(chunks, chunks[rank::world]) for chunks in stage_steps(samples, cfg, stage)]  # all, and this process's
     total, per_step = len(steps), cfg.batch_size * cfg.grad_accum
@@ -240,7 +240,10 @@ def train_stage(model: Backbone, groups: list[dict], samples: list[Sample], coll
         # The step's answer tokens over every process: summed on the device, and kept there (no sync).
         n_tokens = dist.sum_(torch.tensor(local, device=device)).clamp(min=1)
         losses = torch.zeros(2, dtype=torch.float64, device=device)  # L_task, the method's terms
-        for b in micro:
+        for k, b in zip(range(rank, len(chunks), world), micro):  # k: the micro-batch's place in the step
+            # Its dropout masks from (seed, stage, step, k) alone: whichever process runs micro-batch k
+            # draws what one process would, so any world size takes the same step.
+            torch.manual_seed(stream_seed(cfg.seed, "adapter dropout", stage) * 2**40 + step * 2**16 + k)
             losses += micro_step(model, method, to_device(b, device, non_blocking=cuda), n_tokens, len(chunks),
                                  task, device, checkpointing=cfg.gradient_checkpointing)
         extra = step_loss(method, task, len(mine) / len(chunks))

@@ -75,9 +75,10 @@ CONFIGS = [
 ]
 
 
-def hf_qwen2_vl(folder, hidden, heads, kv, layers, section, tie, depth, seed=0):
+def hf_qwen2_vl(folder, hidden, heads, kv, layers, section, tie, depth, seed=0, scaled=True):
     """A random transformers Qwen2VLForConditionalGeneration, weights scaled so that attention is far from
-    uniform (positions and masks then show in the logits), saved by save_pretrained into `folder`."""
+    uniform (positions and masks then show in the logits), saved by save_pretrained into `folder`.
+    scaled=False keeps transformers' init (std 0.02), whose gradients are far from rounding."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -91,7 +92,7 @@ def hf_qwen2_vl(folder, hidden, heads, kv, layers, section, tie, depth, seed=0):
         tie_word_embeddings=tie)
     ref = Qwen2VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for name, p in ref.named_parameters() if scaled else ():
             if p.dim() > 1:
                 p.normal_(0, 0.1)
             elif "norm" in name or "ln_q" in name:
@@ -466,7 +467,8 @@ def test_merged_adapters_and_the_selector_on_qwen2_vl(folder):
 
 
 def test_two_processes_give_the_results_of_one_on_qwen2_vl(qwen_run, tmp_path):
-    """torchrun, two CPU processes (gloo), against one: ImagePatches dealt with their micro-batches."""
+    """torchrun, two CPU processes (gloo), against one: ImagePatches dealt with their micro-batches, dropout
+    on (with each process drawing its own masks, 5-10% of the adapters' elements differed after one task)."""
     import json
 
     from test_distributed import TORCHRUN, adapters, torchrun
@@ -483,9 +485,12 @@ def test_two_processes_give_the_results_of_one_on_qwen2_vl(qwen_run, tmp_path):
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     for key in ("acc_matrix", "acc_matrix_robust", "format_matrix", "selector_accuracy", "params"):
         assert one[key] == two[key], key
-    a, b = adapters(tmp_path / "one", 1), adapters(tmp_path / "two", 1)
-    for k in a["adapters"]:
-        torch.testing.assert_close(a["adapters"][k], b["adapters"][k], rtol=1e-5, atol=1e-5)
+    # CoIN's recipe: LoRA dropout 0.05 and micro-batches dealt out; each micro-batch draws its own masks
+    # whichever process runs it (train_stage), so only summation order may differ.
+    for stage in (1, 8):
+        a, b = adapters(tmp_path / "one", stage), adapters(tmp_path / "two", stage)
+        for k in a["adapters"]:
+            torch.testing.assert_close(a["adapters"][k], b["adapters"][k], rtol=1e-5, atol=1e-5)
 
 
 def test_saved_model_loads_in_transformers_and_back(folder, tmp_path):

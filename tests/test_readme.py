@@ -39,7 +39,19 @@ def block(marker: str) -> str:
 
 
 def test_every_python_block_is_run_here():
-    assert len(BLOCKS) == 2
+    assert len(BLOCKS) == 3
+
+
+def test_the_qwen2_vl_loading_block_runs(tmp_path):
+    from test_qwen2_vl import CONFIGS, hf_qwen2_vl
+
+    hf_qwen2_vl(tmp_path / "qwen", **CONFIGS[0])
+    code = block("Qwen2VL.from_pretrained")
+    assert code.count('"Qwen2-VL-2B-Instruct"') == 2 and 'device="cuda"' in code
+    code = code.replace('"Qwen2-VL-2B-Instruct"', repr(str(tmp_path / "qwen"))).replace('device="cuda"', 'device="cpu"')
+    scope = {}
+    exec(compile("import torch\n" + code, "README.md", "exec"), scope)
+    assert type(scope["model"]).__name__ == "Qwen2VL"  # load_model's choice, from config.json's model_type
 
 
 def test_the_loading_block_runs(tmp_path, monkeypatch):
