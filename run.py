@@ -29,12 +29,11 @@ from minimcit.methods import METHODS, check_hparams, make_method
 from minimcit.check import check_benchmark
 from minimcit.data import TEXTVQA_ANSWERS, Collator, load_benchmark, load_custom, missing_images, order_tasks
 from minimcit.minicoin import PRESETS, minicoin, preset
-from minimcit import qwen2_vl
 from minimcit.checkpoint import load_model, read_config
 from minimcit.model import Llava
 from minimcit.plan import GiB, data_shapes, device_memory, make_plan
 from minimcit.pretrain import pretrain_base
-from minimcit.processing import SYSTEM, LlavaPrompt, TextTokenizer
+from minimcit.processing import LlavaPrompt, TextTokenizer
 from minimcit.qwen2_vl import Qwen2VLConfig, Qwen2VLPrompt
 from minimcit.report import write_report
 from minimcit.runfolder import (first_difference, load_checkpoint, read_results, run_lock, seeded_start_task,
@@ -612,31 +611,16 @@ def backbone_type(args) -> str:
 
 
 def make_collator(tok_path, c, system: str | None = None, model_path=None) -> Collator:
-    """The tokenizer and the backbone's prompt (system: its default, the vicuna line or Qwen's; Qwen2-VL's
-    image limits from model_path's preprocessor_config.json)."""
-    qwen = isinstance(c, Qwen2VLConfig)
-    tok = TextTokenizer(tok_path, eos=qwen2_vl.TURN_END if qwen else None)
+    """The tokenizer and the backbone's prompt (system: its default when None; Qwen2-VL reads its image
+    limits from model_path), the tokenizer checked against the model it is to feed."""
+    kind = Qwen2VLPrompt if isinstance(c, Qwen2VLConfig) else LlavaPrompt
+    tok = TextTokenizer(tok_path, eos=kind.EOS)
     if len(tok) > c.text.vocab_size:  # ids past the table: an IndexError here, a device-side assert on a GPU
         raise ValueError(f"{tok_path}: the tokenizer has {len(tok)} tokens but the model's embedding has "
                          f"{c.text.vocab_size} rows; use the tokenizer that belongs to the model")
-    # A tokenizer of another model that happens to be no larger: its special tokens give it away.
-    if qwen:  # the ids the template writes itself; eos is <|im_end|> by the prompt, whatever the config says
-        special = [("<|image_pad|>", c.image_token_index), ("<|vision_start|>", c.vision_start_token_id),
-                   ("<|vision_end|>", c.vision_end_token_id)]
-        checks = [(name, tok.tok.token_to_id(name), want) for name, want in special]
-    else:
-        image_id = tok.tok.token_to_id("<image>")
-        checks = [("bos", tok.bos_id, c.text.bos_token_id), ("eos", tok.eos_id, c.text.eos_token_id),
-                  ("<image>", image_id, c.image_token_index if c.image_token_index >= 0 else None)]
-    for what, ours, model_id in checks:
-        if (ours is not None or qwen) and model_id is not None and ours != model_id:
-            raise ValueError(f"{tok_path}: the tokenizer's {what} token is id {ours} but the model's config says "
-                             f"{model_id}; use the tokenizer that belongs to the model (--tokenizer)")
-    if qwen:
-        return Collator(tok, Qwen2VLPrompt.from_folder(c, model_path or tok_path,
-                                                       qwen2_vl.SYSTEM if system is None else system))
-    return Collator(tok, LlavaPrompt(c.num_image_tokens, c.image_token_index, c.vision.image_size,
-                                     system=SYSTEM if system is None else system))
+    prompt = kind.for_model(c, model_path or tok_path, system)
+    prompt.check_tokenizer(tok, tok_path, c)
+    return Collator(tok, prompt)
 
 
 def memory_plan(args, c, hp: dict, cfg: TrainConfig, tasks, collator, device, dtype):

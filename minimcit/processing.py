@@ -189,6 +189,22 @@ class LlavaPrompt:
         self.n_img, self.img_id, self.image_size = num_image_tokens, image_token_index, image_size
         self.system, self.plain = system, plain
 
+    EOS = None  # an answer ends with the tokenizer's own eos (tokenizer_config.json's, else </s>)
+
+    @classmethod
+    def for_model(cls, c, folder=None, system: str | None = None) -> "LlavaPrompt":
+        """The prompt of a LlavaConfig; system None: the vicuna_v1 line."""
+        return cls(c.num_image_tokens, c.image_token_index, c.vision.image_size, SYSTEM if system is None else system)
+
+    def check_tokenizer(self, tok: "TextTokenizer", where, c) -> None:
+        """A tokenizer of another model that happens to be no larger: its special tokens give it away."""
+        image_id = tok.tok.token_to_id("<image>")
+        for what, ours, model_id in (("bos", tok.bos_id, c.text.bos_token_id), ("eos", tok.eos_id, c.text.eos_token_id),
+                                     ("<image>", image_id, c.image_token_index if c.image_token_index >= 0 else None)):
+            if ours is not None and model_id is not None and ours != model_id:
+                raise ValueError(f"{where}: the tokenizer's {what} token is id {ours} but the model's config says "
+                                 f"{model_id}; use the tokenizer that belongs to the model (--tokenizer)")
+
     def image(self, image) -> torch.Tensor:  # a PIL image or a path -> (3, S, S)
         if isinstance(image, Image.Image):
             return preprocess_image(image, self.image_size)

@@ -556,10 +556,14 @@ class Qwen2VLPrompt:
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot read image {image}: {e}") from None
 
+    EOS = TURN_END  # whatever the tokenizer's own eos (the base model's is <|endoftext|>)
+
     @classmethod
-    def from_folder(cls, config: Qwen2VLConfig, folder, system: str = SYSTEM) -> "Qwen2VLPrompt":
+    def for_model(cls, config: Qwen2VLConfig, folder, system: str | None = None) -> "Qwen2VLPrompt":
         """With the image limits of the checkpoint's preprocessor_config.json, where it has one: min_pixels
-        and max_pixels (the hub's spelling) or size.shortest_edge / longest_edge (transformers 5's)."""
+        and max_pixels (the hub's spelling) or size.shortest_edge / longest_edge (transformers 5's).
+        system None: the template's own system message."""
+        system = SYSTEM if system is None else system
         file = Path(folder) / "preprocessor_config.json"
         if not file.is_file():
             return cls(config, system)
@@ -572,6 +576,16 @@ class Qwen2VLPrompt:
         if not (isinstance(low, int) and isinstance(high, int) and 0 < low <= high):
             raise ValueError(f"{file}: min_pixels {low!r} and max_pixels {high!r} must be integers, 0 < min <= max")
         return cls(config, system, low, high)
+
+    def check_tokenizer(self, tok, where, c: Qwen2VLConfig) -> None:
+        """The ids the template writes itself must be the tokenizer's: a tokenizer of another model gives
+        itself away by them."""
+        for name, want in (("<|image_pad|>", c.image_token_index), ("<|vision_start|>", c.vision_start_token_id),
+                           ("<|vision_end|>", c.vision_end_token_id)):
+            ours = tok.tok.token_to_id(name)
+            if ours != want:
+                raise ValueError(f"{where}: the tokenizer's {name} token is id {ours} but the model's config says "
+                                 f"{want}; use the tokenizer that belongs to the model (--tokenizer)")
 
     def images(self, pixels: list) -> ImagePatches:
         return ImagePatches.of(pixels)

@@ -512,3 +512,14 @@ def test_saved_model_loads_in_transformers_and_back(folder, tmp_path):
         want = ours(ids, px, mask)
         torch.testing.assert_close(theirs(**hf_inputs(ids, mask, px)).logits, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(back(ids, px, mask), want)
+
+
+def test_a_tokenizer_of_another_model_is_refused_by_its_special_tokens(qwen_run, tmp_path, capsys):
+    import run
+
+    _, args = qwen_run
+    qwen_tokenizer(tmp_path, image=IMAGE - 1)  # <|image_pad|> one id off
+    assert run.main(["--method", "seqlora", *args, "--tokenizer", str(tmp_path), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert f"the tokenizer's <|image_pad|> token is id {IMAGE - 1} but the model's config says {IMAGE}" in err
+    assert not (tmp_path / "out" / "results.json").exists()
