@@ -333,32 +333,39 @@ def _layer_bytes(c, dtype) -> int:
 
 
 def peak_model(c, method: str, hparams: dict, cfg, shape: Shape, *, tasks: int, evaluation: bool,
-               dtype=torch.bfloat16):
+               dtype=torch.bfloat16, batches: tuple[int, int] = (1, 2)):
     """batch -> predicted peak bytes at c's full depth, from four predictions of a shallow twin (2
-    and 3 decoder layers, batch 1 and 2, 2 vision layers), so a plan costs seconds, not minutes.
+    and 3 decoder layers, the two `batches`, 2 vision layers), so a plan costs seconds, not minutes.
 
     Each of the step's two phases (predict_bytes: the vision tower's forward, then everything from
-    the decoder on) peaks at bytes affine in the batch (activations scale with it, weights and
-    optimiser state do not) and in the number of decoder layers (each holds the same tensors), so
-    the four give each phase's peak at full depth exactly; the step's is the larger of the two.
-    The phases are extrapolated apart because their maximum is not affine: at a twin's few layers
-    the tower's phase can be the larger (Qwen2-VL's, at small widths) and hide the decoder's growth
+    the decoder on) peaks where some set of tensors is live: weights and optimiser state (constant in
+    the batch, growing with each decoder layer), activations (growing with both), adapter gradients
+    (growing with the layers only). Each such set is affine in the batch and in the depth, so the
+    four predictions give a phase's peak at full depth exactly while one set stays the largest. The
+    largest can change with the batch: at Qwen2-VL-2B's shape with checkpointing, the adapters'
+    gradients are the larger set up to 4 samples and the saved layer inputs from 8 on (extrapolated
+    from batch 1 and 2, micro-batch 8 was under-predicted by 0.34 GiB). A maximum of affine functions
+    is convex, so a chord between two batches lies on or above it: make_plan asks for its smallest and
+    largest candidate micro-batches, and none between is under-predicted.
+    The two phases are extrapolated apart for the same reason (at a twin's few layers the tower's
+    can be the larger and hide the decoder's growth); the step's peak is the larger of the two
     (tests/test_plan.py checks both backbones against the full-depth prediction). The frozen vision
     layers run without a graph, one at a time: only the weights of the layers the twin leaves out
     are added."""
     n_text, n_vision = c.text.num_hidden_layers, c.vision_layers
     shallow = min(2, n_vision)
+    lo, hi = batches[0], max(batches[1], batches[0] + 1)
     p = {}
     for layers in (2, 3):
         twin = c.with_layers(layers, shallow)
-        for b in (1, 2):
+        for b in (lo, hi):
             p[layers, b] = predict_bytes(twin, method, hparams, cfg, dataclasses.replace(shape, batch=b), tasks=tasks,
                                          evaluation=evaluation, dtype=dtype)
     vision = (n_vision - shallow) * _layer_bytes(c, dtype)
 
     def phase(name, batch):
-        deep = {b: p[2, b][name] + (n_text - 2) * (p[3, b][name] - p[2, b][name]) for b in (1, 2)}
-        return deep[1] + (batch - 1) * (deep[2] - deep[1]) + vision
+        deep = {b: p[2, b][name] + (n_text - 2) * (p[3, b][name] - p[2, b][name]) for b in (lo, hi)}
+        return deep[lo] + (batch - lo) * (deep[hi] - deep[lo]) / (hi - lo) + vision
 
     return lambda batch: max(phase("before", batch), phase("after", batch))
 
@@ -378,9 +385,13 @@ def make_plan(c, method: str, hparams: dict, cfg, *, memory: int, train: Shape, 
         if (ckpt, evaluating) not in models:
             what = "evaluation" if evaluating else f"training step, checkpointing {'on' if ckpt else 'off'}"
             progress(f"memory plan: predicting the {what} (four shallow predictions)")
+            # Training: the candidates' ends (see peak_model). Evaluation stays at batch 1 and 2: its live
+            # sets (KV cache, activations, images) all grow with the batch, and at Qwen2-VL-2B's shape the
+            # peak is affine from 1 to 256 prompts (0.261 GiB a prompt), where a twin at 256 costs minutes.
+            span = (1, 2) if evaluating else (min(sizes), max(sizes))
             models[ckpt, evaluating] = peak_model(c, method, hparams, dataclasses.replace(cfg, gradient_checkpointing=ckpt),
                                                   evaluation if evaluating else train, tasks=tasks,
-                                                  evaluation=evaluating, dtype=dtype)
+                                                  evaluation=evaluating, dtype=dtype, batches=span)
         return int(models[ckpt, evaluating](b))
 
     def largest(sizes, fn):  # the largest size that fits the budget and its peak, or (None, peak of the smallest)

@@ -85,7 +85,7 @@ def test_qwen2_vl_fake_prediction_matches_the_real_step_and_extrapolates(method,
 def fixed_peaks(monkeypatch, train, evaluate):
     """Stand-in peak models (bytes as a function of the batch) so the plan's choices can be checked
     against hand values."""
-    def fake_model(c, method, hp, cfg, shape, *, tasks, evaluation, dtype=None):
+    def fake_model(c, method, hp, cfg, shape, *, tasks, evaluation, dtype=None, batches=None):
         return evaluate if evaluation else train[cfg.gradient_checkpointing]
     monkeypatch.setattr(plan, "peak_model", fake_model)
 
@@ -146,3 +146,20 @@ def test_real_data_run_follows_prints_and_records_its_plan(tmp_path, capsys):
     assert "short by" in capsys.readouterr().err and not (tmp_path / "no" / "results.json").exists()
     json.dumps(p)  # stored as plain JSON
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("config", ["llava", "qwen2_vl"])
+def test_the_plans_chord_over_the_candidate_batches_never_under_predicts(config):
+    """peak_model from the smallest and largest candidate micro-batch: exact at both ends, on or above the
+    full-depth prediction between them (the peak is a maximum of affine functions, convex in the batch)."""
+    c = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, num_hidden_layers=5)) if config == "llava" \
+        else QWEN.with_layers(5, 3)
+    cfg = dataclasses.replace(CFG, gradient_checkpointing=True)
+    hp = {"r": 8, "lora_alpha": 16}
+    shape = Shape(1, 40, 5, image=12 if config == "qwen2_vl" else None)
+    model = peak_model(c, "seqlora", hp, cfg, shape, tasks=2, evaluation=False, batches=(1, 6))
+    for batch in (1, 3, 6):
+        want = predict_bytes(c, "seqlora", hp, cfg, dataclasses.replace(shape, batch=batch), tasks=2)["peak"]
+        assert model(batch) >= want - 256 * batch, (batch, model(batch), want)
+        if batch in (1, 6):
+            assert abs(model(batch) - want) <= 256 * batch, (batch, model(batch), want)
