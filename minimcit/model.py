@@ -145,13 +145,7 @@ class LlavaConfig:
         return cfg
 
     def validate(self, source: str = "config") -> None:
-        for part, c in (("vision_config", self.vision), ("text_config", self.text)):
-            for f in fields(c):  # every size and count: a positive integer, or the model cannot be built
-                value = getattr(c, f.name)
-                if f.name.endswith(("_size", "_layers", "_heads")) and not (
-                        isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                    raise ValueError(f"{source}: field '{part}.{f.name}' should be a positive integer, got {value!r}")
-        checks = [
+        check_config(source, self.vision, self.text, [
             (self.vision.hidden_act in ACT, "vision_config.hidden_act", self.vision.hidden_act),
             (self.text.hidden_act == "silu", "text_config.hidden_act", self.text.hidden_act),
             (self.projector_hidden_act in ACT, "projector_hidden_act", self.projector_hidden_act),
@@ -161,10 +155,7 @@ class LlavaConfig:
              "vision_feature_layer", self.vision_feature_layer),
             (self.text.num_attention_heads % self.text.num_key_value_heads == 0,
              "text_config.num_key_value_heads", self.text.num_key_value_heads),
-        ]
-        for ok, name, value in checks:
-            if not ok:
-                raise ValueError(f"{source}: unsupported value {value!r} for field {name!r}")
+        ])
 
     def to_dict(self) -> dict:
         """The llava-hf config.json spelling, so a saved model reads back through from_dict."""
@@ -181,6 +172,19 @@ class LlavaConfig:
             "multimodal_projector_bias": self.projector_bias,
             "tie_word_embeddings": self.text.tie_word_embeddings,
         }
+
+
+def check_config(source: str, vision, text, checks, sizes=("_size", "_layers", "_heads")) -> None:
+    """Refuse a backbone's config by field: every size and count (a field ending in one of `sizes`) a
+    positive integer, or the model cannot be built; then each (ok, field, value) of `checks`."""
+    for part, c in (("vision_config", vision), ("text_config", text)):
+        for f in fields(c):
+            value = getattr(c, f.name)
+            if f.name.endswith(sizes) and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"{source}: field '{part}.{f.name}' should be a positive integer, got {value!r}")
+    for ok, name, value in checks:
+        if not ok:
+            raise ValueError(f"{source}: unsupported value {value!r} for field {name!r}")
 
 
 def _from_fields(cls, d: dict):

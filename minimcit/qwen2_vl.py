@@ -24,13 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .model import (ACT, IGNORE_INDEX, Backbone, Linear, LlamaModel, TextConfig, Tokens, masked_mean,
-                    per_image_instruction)
-from .processing import Encoded
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / _STD, as for LLaVA's tower
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
+from .model import (ACT, IGNORE_INDEX, Backbone, Linear, LlamaModel, TextConfig, Tokens, apply_rope, check_config,
+                    masked_mean, per_image_instruction, rope_cos_sin)
+from .processing import CLIP_MEAN, CLIP_STD, Encoded  # CLIP's normalisation, as for LLaVA's tower
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
@@ -126,11 +122,6 @@ def vision_rotary(positions, head_dim: int, theta: float):  # (N, 2) -> cos, sin
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -145,8 +136,7 @@ class VisionAttention(nn.Module):
         # autocast x is the LayerNorm's float32 but q, k, v the Linear's bf16, and one dtype for all three
         # keeps SDPA on its fused kernels (mixed, it falls back to materialising (h, N, N) float32 scores).
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, hd)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
+        q, k = apply_rope(q.float(), cos, sin).to(v.dtype), apply_rope(k.float(), cos, sin).to(v.dtype)
         # Every patch attends to the patches of its own frame only (cu_seqlens in transformers): one
         # attention per frame, not one masked (N, N) attention, which at 8 x 1280 merged tokens would
         # hold 16 x 40960^2 scores.
@@ -319,14 +309,8 @@ class Qwen2VLConfig:
         return VisionBlock(self.vision)
 
     def validate(self, source: str = "config") -> None:
-        for part, c in (("vision_config", self.vision), ("text_config", self.text)):
-            for f in fields(c):  # every size and count: a positive integer, or the model cannot be built
-                value = getattr(c, f.name)
-                if f.name.endswith(("_size", "_layers", "_heads", "_dim", "depth")) and not (
-                        isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                    raise ValueError(f"{source}: field '{part}.{f.name}' should be a positive integer, got {value!r}")
         t, v = self.text, self.vision
-        checks = [
+        check_config(source, v, t, [
             (sum(self.mrope_section) * 2 == t.head_dim and len(self.mrope_section) == 3, "rope mrope_section",
              f"{list(self.mrope_section)} (three sections summing to head_dim / 2 = {t.head_dim // 2})"),
             (t.num_attention_heads * t.head_dim == t.hidden_size, "text_config.num_attention_heads",
@@ -338,10 +322,7 @@ class Qwen2VLConfig:
             (v.embed_dim % v.num_heads == 0, "vision_config.num_heads", v.num_heads),
             (v.hidden_size == t.hidden_size, "vision_config.hidden_size",
              f"{v.hidden_size} (the merger's output must be the LLM's width, {t.hidden_size})"),
-        ]
-        for ok, name, value in checks:
-            if not ok:
-                raise ValueError(f"{source}: unsupported value {value!r} for field {name!r}")
+        ], sizes=("_size", "_layers", "_heads", "_dim", "depth"))
 
 
 # --------------------------------------------------------------------------- M-RoPE
@@ -384,12 +365,10 @@ def mrope_cos_sin(positions, head_dim: int, theta: float, section, dtype):  # (3
     """M-RoPE's tables (Qwen2VLRotaryEmbedding): LLaMA's frequencies, the first section[0] of them
     turned by the time position, the next section[1] by the height, the last by the width. On text
     all three positions are equal, so a text token is rotated exactly as in plain RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (3, B, T, hd/2), in fp32 even under bf16
-    axis = torch.tensor([i for i, n in enumerate(section) for _ in range(n)], device=positions.device)  # (hd/2,)
-    f = freqs.gather(0, axis.expand(1, *freqs.shape[1:3], -1))[0]  # (B, T, hd/2): frequency j takes axis[j]
-    emb = torch.cat((f, f), dim=-1)[:, None]  # (B, 1, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    axis = [i for i, n in enumerate(section) for _ in range(n)] * 2  # the axis turning each of the hd columns
+    tables = [rope_cos_sin(p, head_dim, theta, dtype) for p in positions]  # per axis (cos, sin), (B, 1, T, hd)
+    index = torch.tensor(axis, device=positions.device).expand(1, *tables[0][0].shape)  # (1, B, 1, T, hd)
+    return tuple(torch.stack(t).gather(0, index)[0] for t in zip(*tables))  # column j from axis[j]
 
 
 # --------------------------------------------------------------------------- Qwen2-VL
