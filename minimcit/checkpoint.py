@@ -227,16 +227,21 @@ def load_model(path, *, vision_tower=None, projector=None, dtype=None, device=No
 
 def save_llava(model: Llava, folder) -> None:
     """Write config.json + model.safetensors in the llava-hf hub layout, each atomically."""
+    save(model, folder, {"vision_tower.": "vision_tower.vision_model.", "language_model.": "language_model.model.",
+                         "lm_head.": "language_model.lm_head."})
+
+
+def save(model: Backbone, folder, prefixes: dict) -> None:
+    """config.json (the config's to_dict) + model.safetensors, each atomically, our names' `prefixes`
+    rewritten into the layout's (a tied lm_head is not written: the embedding holds it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hub = {"vision_tower.": "vision_tower.vision_model.", "language_model.": "language_model.model.",
-           "lm_head.": "language_model.lm_head."}
     state = {}
     for name, p in model.state_dict().items():
         if model.config.text.tie_word_embeddings and name == "lm_head.weight":
             continue
-        prefix = next((k for k in hub if name.startswith(k)), "")
-        state[hub.get(prefix, "") + name[len(prefix):]] = p.detach().contiguous().cpu()
+        prefix = next((k for k in prefixes if name.startswith(k)), "")
+        state[prefixes.get(prefix, "") + name[len(prefix):]] = p.detach().contiguous().cpu()
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(model.config.to_dict(), indent=2)
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))

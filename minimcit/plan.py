@@ -455,15 +455,17 @@ def data_shapes(tasks, collator, max_new_tokens: int) -> tuple[Shape, Shape]:
     def longest(samples, key):
         return sorted(samples, key=key, reverse=True)[:LONGEST]
 
+    def slots(s):
+        return 0 if s.image is None else collator.prompt.max_slots
+
     length, answer, prompt = 1, 1, 1
     for t in tasks:
         for s in longest(t.train, lambda s: len(s.question) + len(s.answer)
                          + sum(len(q) + len(a) for q, a in s.later_turns)):
-            r = collator.encode(s, slots=0 if s.image is None else collator.prompt.max_slots)
+            r = collator.encode(s, slots=slots(s))
             length = max(length, len(r.ids))
             answer = max(answer, sum(1 for label in r.labels if label != IGNORE_INDEX))
         for s in longest(t.test, lambda s: len(s.question)):
-            slots = 0 if s.image is None else collator.prompt.max_slots
-            prompt = max(prompt, len(collator.encode(s, prompt_only=True, slots=slots).ids))
+            prompt = max(prompt, len(collator.encode(s, prompt_only=True, slots=slots(s)).ids))
     image = collator.prompt.max_slots
     return Shape(1, length, answer, image), Shape(1, prompt, max_new_tokens, image)

@@ -53,12 +53,18 @@ def preprocess_image(img: Image.Image, image_size: int, pad: bool = True) -> tor
     return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, S, S)
 
 
-def load_image(path, image_size: int, pad: bool = True) -> torch.Tensor:
+def read_image(path, read):
+    """read(the opened image) for the image file at `path` (only its header is decoded unless read
+    asks for the pixels); a file PIL cannot read raises an error naming it."""
     try:
         with Image.open(path) as img:
-            return preprocess_image(img, image_size, pad)
+            return read(img)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def load_image(path, image_size: int, pad: bool = True) -> torch.Tensor:
+    return read_image(path, lambda img: preprocess_image(img, image_size, pad))
 
 
 # --------------------------------------------------------------------------- text

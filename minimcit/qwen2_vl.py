@@ -26,7 +26,7 @@ from torch import nn
 
 from .model import (ACT, IGNORE_INDEX, Backbone, Linear, LlamaModel, TextConfig, Tokens, apply_rope, check_config,
                     masked_mean, per_image_instruction, rope_cos_sin)
-from .processing import CLIP_MEAN, CLIP_STD, Encoded  # CLIP's normalisation, as for LLaVA's tower
+from .processing import CLIP_MEAN, CLIP_STD, Encoded, read_image  # CLIP's normalisation, as LLaVA's tower
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
@@ -471,23 +471,9 @@ class Qwen2VL(Backbone):
 def save_qwen2_vl(model: "Qwen2VL", folder) -> None:
     """config.json + model.safetensors in transformers 5's layout (model.visual., model.language_model.),
     each written atomically."""
-    import json
+    from .checkpoint import save
 
-    from safetensors.torch import save_file
-
-    from .checkpoint import atomic_write
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, p in model.state_dict().items():
-        if model.config.text.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        key = "model." + name if name.startswith(("visual.", "language_model.")) else name
-        state[key] = p.detach().contiguous().cpu()
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    text = json.dumps(model.config.to_dict(), indent=2)
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    save(model, folder, {"visual.": "model.visual.", "language_model.": "model.language_model."})
 
 
 # The hub's keys (visual., model., lm_head.) and transformers 5's (model.visual., model.language_model.)
@@ -529,11 +515,7 @@ class Qwen2VLPrompt:
         if isinstance(image, Image.Image):
             return image_patches(image, v.patch_size, v.spatial_merge_size, v.temporal_patch_size,
                                  self.min_pixels, self.max_pixels)
-        try:
-            with Image.open(image) as img:
-                return self.image(img)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot read image {image}: {e}") from None
+        return read_image(image, self.image)
 
     EOS = TURN_END  # whatever the tokenizer's own eos (the base model's is <|endoftext|>)
 
@@ -578,14 +560,7 @@ class Qwen2VLPrompt:
         return (self.max_pixels // self.factor ** 2)
 
     def image_tokens(self, image) -> int:  # the same from the image's size, read from its header
-        if isinstance(image, Image.Image):
-            w, h = image.size
-        else:
-            try:
-                with Image.open(image) as img:
-                    w, h = img.size
-            except (OSError, SyntaxError, ValueError) as e:
-                raise ValueError(f"cannot read image {image}: {e}") from None
+        w, h = image.size if isinstance(image, Image.Image) else read_image(image, lambda img: img.size)
         gh, gw = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
         return (gh // self.factor) * (gw // self.factor)
 
